@@ -1,0 +1,699 @@
+"""Data shared by the ReAlign scripts: tasks, formats and prompts.
+
+This module holds literals only (no imports, no logic), so importing it is
+instant. The scripts read from it:
+
+- classify.py: TASK_DESCRIPTION (the 46 task names), PROMPT_INPUT_FOR_TASK_CLS
+- retrieval.py: RAG_TASKS
+- reformat.py: REWRITE_TASK, STRUCTURE, REFORMAT_PROMPTS
+- evaluation: JUDGE_PROMPTS
+
+Task names, groups and format elements follow "Reformatted Alignment"
+(Fan et al., 2024, arXiv 2402.12219).
+"""
+
+# How to edit this file
+# ---------------------
+# - Criteria (which tasks are retrieved or reformatted, and each task's format)
+#   may be changed freely.
+# - Add a task to REWRITE_TASK only together with a STRUCTURE entry for it:
+#   reformat.py needs a format for every task it rewrites.
+# - Keep the {fields} of every template: the scripts fill them by name
+#   (system templates have none). A literal curly brace in a template must
+#   be written doubled.
+# - Do not change PROMPT_INPUT_FOR_TASK_CLS, not even its whitespace or its
+#   typos: the released classifier (GAIR/ReAlign-Task-Classifier) was
+#   trained on exactly this text.
+
+# ---------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------
+
+# The 46 tasks, in the order the classifier prompt lists them -> what kind of
+# query belongs to each one. `default` catches anything that fits no other.
+TASK_DESCRIPTION = {
+    "question_generation": "Write new questions, e.g. quiz, interview or discussion questions, about a given topic or text.",
+    "story_generation": "Write a piece of narrative fiction: a story, tale or plot from a prompt.",
+    "poem_generation": "Write a poem, song lyrics or other verse.",
+    "email_generation": "Draft an email or a similar message for a given purpose and recipient.",
+    "data_generation": "Produce synthetic data or examples: sample records, lists of items, test inputs.",
+    "advice_giving": "Give personal advice or suggestions for the user's own situation or problem.",
+    "recommendations": "Recommend specific items such as products, books, places or tools that suit the user's needs.",
+    "how_to_generation": "Explain how to do something, as steps or a procedure.",
+    "planning": "Make a plan, schedule or itinerary that reaches a goal over time.",
+    "instructional_rewriting": "Rewrite a given text according to an instruction (change tone, style, audience or length).",
+    "language_polishing": "Improve the wording, fluency and style of a given text without changing its meaning.",
+    "paraphrasing": "Restate a given text in different words with the same meaning.",
+    "text_correction": "Fix grammar, spelling or punctuation errors in a given text.",
+    "code_correction": "Find and fix the bugs or errors in a given piece of code.",
+    "code_simplification": "Make a given piece of code shorter, simpler or cleaner while keeping its behaviour.",
+    "information_extraction": "Pull specific facts, entities or fields out of a given text.",
+    "keywords_extraction": "List the key words or key phrases of a given text.",
+    "table_extraction": "Turn information from a given text into a table.",
+    "title_generation": "Suggest a title or headline for a given text.",
+    "text_summarization": "Summarize a given text, such as an article, story or report.",
+    "note_summarization": "Condense notes, e.g. meeting or lecture notes, into a short summary.",
+    "explain_code": "Explain what a given piece of code does and how it works.",
+    "explain_answer": "Explain why a given answer or statement is correct, or the reasoning behind it.",
+    "text_to_text_translation": "Translate a text from one natural language into another.",
+    "text_to_code_translation": "Write code that implements a task described in natural language.",
+    "code_to_code_translation": "Convert code from one programming language into another.",
+    "code_to_text_translation": "Describe or document given code in natural language.",
+    "open_qa": "Answer a factual or general-knowledge question without a given passage.",
+    "closed_qa": "Answer a question using only a passage or context supplied with it.",
+    "fill_in_the_blank": "Complete the missing word or phrase in a sentence or text.",
+    "fact_verification": "Decide whether a claim or statement is true or false.",
+    "math_puzzles": "Solve a math problem, puzzle or calculation.",
+    "language_learning_questions": "Answer a question about learning or using a programming language.",
+    "natural_language_learning_tutor": "Teach a human language: vocabulary, grammar, usage or pronunciation.",
+    "exam_problem_solving_tutor": "Solve an exam or homework problem in a school subject, explaining the solution.",
+    "ml_ai_language_model_tutor": "Explain a concept from machine learning, AI or language models.",
+    "general_classification": "Sort given items into categories or assign them a label.",
+    "ordering": "Arrange given items in an order, e.g. by size, time or rank.",
+    "sentiment_analysis": "Judge the sentiment or emotion expressed in a given text.",
+    "code_language_classification": "Identify which programming language a piece of code is written in.",
+    "language_classification": "Identify which natural language a text is written in.",
+    "topic_classification": "Identify the topic or subject of a given text.",
+    "value_judgement": "Give a judgement or opinion on a question of values, ethics or preference.",
+    "rejecting": "A harmful, unethical or impossible request that should be declined.",
+    "roleplay": "Act as a character or persona and reply in that role.",
+    "default": "Any query that fits none of the tasks above.",
+}
+
+# Task groups of the paper -> their tasks, in TASK_DESCRIPTION order.
+TASK_GROUPS = {
+    "Generation": [
+        "question_generation",
+        "story_generation",
+        "poem_generation",
+        "email_generation",
+        "data_generation",
+        "text_to_text_translation",
+    ],
+    "Brainstorming": [
+        "advice_giving",
+        "recommendations",
+        "how_to_generation",
+        "planning",
+    ],
+    "Rewriting": [
+        "instructional_rewriting",
+        "language_polishing",
+        "paraphrasing",
+        "text_correction",
+    ],
+    "Code": [
+        "code_correction",
+        "code_simplification",
+        "explain_code",
+        "text_to_code_translation",
+        "code_to_code_translation",
+        "code_to_text_translation",
+        "language_learning_questions",
+        "code_language_classification",
+    ],
+    "Extraction": [
+        "information_extraction",
+        "keywords_extraction",
+        "table_extraction",
+    ],
+    "Summarization": [
+        "title_generation",
+        "text_summarization",
+        "note_summarization",
+    ],
+    "Conversation": [
+        "explain_answer",
+        "open_qa",
+        "closed_qa",
+        "fact_verification",
+        "value_judgement",
+        "roleplay",
+    ],
+    "Specialized Educational Dialog": [
+        "fill_in_the_blank",
+        "math_puzzles",
+        "natural_language_learning_tutor",
+        "exam_problem_solving_tutor",
+        "ml_ai_language_model_tutor",
+    ],
+    "Classification": [
+        "general_classification",
+        "ordering",
+        "sentiment_analysis",
+        "language_classification",
+        "topic_classification",
+    ],
+    "Others": [
+        "rejecting",
+        "default",
+    ],
+}
+
+# Knowledge-intensive tasks: retrieval.py adds web-search evidence to these.
+RAG_TASKS = [
+    "recommendations",
+    "how_to_generation",
+    "explain_answer",
+    "open_qa",
+    "fact_verification",
+]
+
+# Tasks whose responses reformat.py rewrites; each needs a STRUCTURE entry.
+# The open-ended tasks (stories, poems, advice, paraphrases, summaries,
+# titles, tables, code simplification, roleplay) and `default` are left out.
+REWRITE_TASK = [
+    "question_generation",
+    "email_generation",
+    "data_generation",
+    "recommendations",
+    "how_to_generation",
+    "planning",
+    "instructional_rewriting",
+    "language_polishing",
+    "text_correction",
+    "code_correction",
+    "information_extraction",
+    "keywords_extraction",
+    "explain_code",
+    "explain_answer",
+    "text_to_text_translation",
+    "text_to_code_translation",
+    "code_to_code_translation",
+    "code_to_text_translation",
+    "open_qa",
+    "closed_qa",
+    "fill_in_the_blank",
+    "fact_verification",
+    "math_puzzles",
+    "language_learning_questions",
+    "natural_language_learning_tutor",
+    "exam_problem_solving_tutor",
+    "ml_ai_language_model_tutor",
+    "general_classification",
+    "ordering",
+    "sentiment_analysis",
+    "code_language_classification",
+    "language_classification",
+    "topic_classification",
+    "value_judgement",
+    "rejecting",
+]
+
+# ---------------------------------------------------------------------------
+# Formats: the layout a rewritten response should follow, per task
+# ---------------------------------------------------------------------------
+
+# Every REWRITE_TASK plus `default` (which has a format but is not rewritten
+# unless added to REWRITE_TASK). Inserted into the reformat user prompt.
+STRUCTURE = {
+    "question_generation": (
+        "Present the generated questions as a numbered list, one question per item, "
+        "with no other text between the items."
+    ),
+    "email_generation": (
+        "Lay the email out as follows:\n"
+        "1. A subject line that states the topic clearly.\n"
+        "2. A salutation that addresses the recipient appropriately.\n"
+        "3. A short opening that introduces the sender and the purpose of the email.\n"
+        "4. The body, in short paragraphs or bullet points, one idea each.\n"
+        "5. A closing remark followed by the sender's name.\n"
+        "6. A signature with the sender's contact details.\n"
+        "7. A note on any attachments, if there are any.\n"
+        "Keep the tone polite and professional, make sure the text is free of errors, "
+        "and keep it short, direct and easy to scan."
+    ),
+    "data_generation": (
+        "Present the generated data as a list, one record or example per item, "
+        "each written in the same consistent shape."
+    ),
+    "recommendations": (
+        "1. Open with one sentence that states the purpose the recommendations serve.\n"
+        "2. Give the recommendations themselves.\n"
+        "3. Explain them in a list, one item per recommendation, saying why it fits.\n"
+        "4. Close with a short conclusion."
+    ),
+    "how_to_generation": (
+        "1. Begin with a short analysis of the question: what is to be done and what it involves.\n"
+        "2. Give the answer, the steps in order as a numbered list.\n"
+        "3. Add explanations of the important steps or points.\n"
+        "4. Close with a short conclusion."
+    ),
+    "planning": (
+        "1. State the goal of the plan in the first sentence.\n"
+        "2. Give the plan as a list ordered by timeline (for example by day, week or phase).\n"
+        "3. Add explanations of the main parts of the plan.\n"
+        "4. Close with a short conclusion."
+    ),
+    "instructional_rewriting": (
+        "1. Give the rewritten text first.\n"
+        "2. Then list the changes that were made, one per item, each with the reason for it."
+    ),
+    "language_polishing": (
+        "1. Give the polished text first.\n"
+        "2. Then list the changes that were made, one per item, each with the reason for it."
+    ),
+    "text_correction": (
+        "1. Give the corrected text first.\n"
+        "2. Then list the corrections that were made, one per item, each with the reason for it."
+    ),
+    "code_correction": (
+        "1. Give the corrected code, with explanatory comments, inside a markdown code block.\n"
+        "2. Then list the changes that were made, one per item, each with the reason for it."
+    ),
+    "information_extraction": (
+        "Present the extracted information in a structured form: a list, or a markdown table "
+        "when the items share the same fields."
+    ),
+    "keywords_extraction": (
+        "Present the keywords as a list, one keyword or key phrase per item."
+    ),
+    "explain_code": (
+        "1. Begin with a brief paragraph analysing what the code is for.\n"
+        "2. Explain the code in a structured way, as a list or a markdown table, "
+        "part by part.\n"
+        "3. Close with a short conclusion."
+    ),
+    "explain_answer": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Explain the answer in a structured way, as a list or a markdown table, "
+        "point by point.\n"
+        "3. Close with a short conclusion."
+    ),
+    "text_to_text_translation": (
+        "1. Give the translation first.\n"
+        "2. Then explain the translation in a list, e.g. word choices, idioms or grammar "
+        "that needed care."
+    ),
+    "text_to_code_translation": (
+        "1. Begin with a brief analysis of the task the code must solve.\n"
+        "2. Give the code, with explanatory comments, inside a markdown code block.\n"
+        "3. Explain the code in a list, one item per important piece.\n"
+        "4. Close with a short conclusion."
+    ),
+    "code_to_code_translation": (
+        "1. Begin with a brief analysis of the original code and the conversion.\n"
+        "2. Give the converted code, with explanatory comments, inside a markdown code block.\n"
+        "3. Explain the converted code in a list, one item per important piece.\n"
+        "4. Close with a short conclusion."
+    ),
+    "code_to_text_translation": (
+        "1. Begin with a brief analysis of the code.\n"
+        "2. Give the description or documentation in structured sections "
+        "(for example purpose, inputs, outputs, how it works).\n"
+        "3. Close with a short conclusion."
+    ),
+    "open_qa": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Give the answer.\n"
+        "3. Explain the answer.\n"
+        "4. Close with a short conclusion."
+    ),
+    "closed_qa": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Give the answer, taken from the given passage.\n"
+        "3. Explain the answer, pointing to the relevant part of the passage.\n"
+        "4. Close with a short conclusion."
+    ),
+    "fill_in_the_blank": (
+        "1. Begin with a brief paragraph analysing the sentence and what the blank needs.\n"
+        "2. Give the answer together with an explanation of why it fits."
+    ),
+    "fact_verification": (
+        "1. State the verdict first: whether the claim is true or false.\n"
+        "2. Then give the explanation that supports the verdict."
+    ),
+    "math_puzzles": (
+        "1. Begin with a brief paragraph analysing the problem.\n"
+        "2. Give the step-by-step solution as a numbered list.\n"
+        "3. Give a second list that explains the steps in detail.\n"
+        "4. State the final result, then close with a short conclusion."
+    ),
+    "language_learning_questions": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Give the answer.\n"
+        "3. Explain the answer.\n"
+        "4. Close with a short conclusion."
+    ),
+    "natural_language_learning_tutor": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Give the answer.\n"
+        "3. Explain the answer, with examples where they help.\n"
+        "4. Close with a short conclusion."
+    ),
+    "exam_problem_solving_tutor": (
+        "1. Begin with a brief paragraph analysing the problem.\n"
+        "2. Give the answer.\n"
+        "3. Explain how the answer is reached.\n"
+        "4. Close with a short conclusion."
+    ),
+    "ml_ai_language_model_tutor": (
+        "1. Give the answer first.\n"
+        "2. Explain the answer.\n"
+        "3. Close with a short conclusion."
+    ),
+    "general_classification": (
+        "1. Give the answer (the category or label) first.\n"
+        "2. Then give the explanation for it."
+    ),
+    "ordering": (
+        "1. Give the answer (the items in order) first.\n"
+        "2. Then give the explanation for the order."
+    ),
+    "sentiment_analysis": (
+        "1. Give the answer (the sentiment) first.\n"
+        "2. Then give the explanation for it."
+    ),
+    "code_language_classification": (
+        "1. Give the answer (the programming language) first.\n"
+        "2. Then give the explanation for it."
+    ),
+    "language_classification": (
+        "1. Give the answer (the language) first.\n"
+        "2. Then give the explanation for it."
+    ),
+    "topic_classification": (
+        "1. Give the answer (the topic) first.\n"
+        "2. Then give the explanation for it."
+    ),
+    "value_judgement": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Give the judgement.\n"
+        "3. Explain the judgement.\n"
+        "4. Close with a short conclusion."
+    ),
+    "rejecting": (
+        "1. State the refusal first.\n"
+        "2. Then explain why the request cannot be fulfilled."
+    ),
+    "default": (
+        "1. Begin with a brief paragraph analysing the question.\n"
+        "2. Give the answer.\n"
+        "3. Explain the answer in a list, one point per item.\n"
+        "4. Close with a short conclusion."
+    ),
+}
+
+# ---------------------------------------------------------------------------
+# Stage 1: classifier prompt (VERBATIM - the released model was trained on it)
+# ---------------------------------------------------------------------------
+
+# Only field: {input}. Starts with a newline, has one space after "below:",
+# ends with "Task name:" and two newlines; "You objective" is the original.
+PROMPT_INPUT_FOR_TASK_CLS = """
+You will receive a user's query. Additionally, you are given some pre-defined tasks below: 
+
+[Existing tasks start]
+question_generation
+story_generation
+poem_generation
+email_generation
+data_generation
+advice_giving
+recommendations
+how_to_generation
+planning
+instructional_rewriting
+language_polishing
+paraphrasing
+text_correction
+code_correction
+code_simplification
+information_extraction
+keywords_extraction
+table_extraction
+title_generation
+text_summarization
+note_summarization
+explain_code
+explain_answer
+text_to_text_translation
+text_to_code_translation
+code_to_code_translation
+code_to_text_translation
+open_qa
+closed_qa
+fill_in_the_blank
+fact_verification
+math_puzzles
+language_learning_questions
+natural_language_learning_tutor
+exam_problem_solving_tutor
+ml_ai_language_model_tutor
+general_classification
+ordering
+sentiment_analysis
+code_language_classification
+language_classification
+topic_classification
+value_judgement
+rejecting
+roleplay
+default
+[Existing tasks end]
+
+You objective is to choose the most appropriate task that can reflect the high-level intention of this query. You should first clearly give out your choice. Your choice should exactly match one of the task names provided above, without any modification. Do not include the task description in your choice.
+
+Your output should be just the task name.
+
+User's query is below:
+[User's query start]
+{input}
+[User's query end]
+
+Task name:
+
+"""
+
+# ---------------------------------------------------------------------------
+# Stage 3: reformat prompts
+# ---------------------------------------------------------------------------
+
+# mode ("adaptive" by default; "forced" always reformats, used for GSM8K and
+# MATH) -> variant ("evidence" when the record has retrieved evidence) ->
+# system (no fields) and user template.
+# User fields: {question}, {response}, {format}; evidence adds {evidence},
+# passed already numbered ("1. ...", blank line, "2. ...").
+# reformat.py splits the reply on "Revised response:"; keep both markers.
+REFORMAT_PROMPTS = {
+    "adaptive": {
+        "plain": {
+            "system": (
+                "You revise the format of answers. You are given a question, an original "
+                "response to it, and a target format. Follow these rules:\n"
+                "1. First decide whether the target format suits the question. If it does "
+                "not, return the original response exactly as it is. If it does, rewrite "
+                "the response so that it follows the target format.\n"
+                "2. Change only the format. Keep the meaning and every piece of "
+                "information in the original response.\n"
+                "3. The revised response must still answer the question correctly.\n"
+                "4. The revised response must read fluently and must not add extra "
+                "subheadings.\n"
+                "\n"
+                "Reply in exactly this form:\n"
+                "Reasoning: <brief reasoning about the format and your decision>\n"
+                "Revised response: <the full revised response>"
+            ),
+            "user": (
+                "[Question start]\n"
+                "{question}\n"
+                "[Question end]\n"
+                "\n"
+                "[Original response start]\n"
+                "{response}\n"
+                "[Original response end]\n"
+                "\n"
+                "[Target format start]\n"
+                "{format}\n"
+                "[Target format end]\n"
+                "\n"
+                "Decide whether the target format suits the question and revise the "
+                "original response accordingly, following the rules. Write "
+                '"Reasoning:" with your brief reasoning, then on a new line '
+                '"Revised response:" followed by the full revised response.'
+            ),
+        },
+        "evidence": {
+            "system": (
+                "You revise the format of answers. You are given a question, an original "
+                "response to it, a target format, and evidence retrieved from a web "
+                "search. Follow these rules:\n"
+                "1. First decide whether the target format suits the question. If it does "
+                "not, return the original response exactly as it is. If it does, rewrite "
+                "the response so that it follows the target format.\n"
+                "2. Change only the format. Keep the meaning and every piece of "
+                "information in the original response.\n"
+                "3. The revised response must still answer the question correctly.\n"
+                "4. The revised response must read fluently and must not add extra "
+                "subheadings.\n"
+                "5. Use whichever parts of the evidence help to answer the question well; "
+                "ignore the parts that do not.\n"
+                "\n"
+                "Reply in exactly this form:\n"
+                "Reasoning: <brief reasoning about the format and your decision>\n"
+                "Revised response: <the full revised response>"
+            ),
+            "user": (
+                "[Question start]\n"
+                "{question}\n"
+                "[Question end]\n"
+                "\n"
+                "[Original response start]\n"
+                "{response}\n"
+                "[Original response end]\n"
+                "\n"
+                "[Target format start]\n"
+                "{format}\n"
+                "[Target format end]\n"
+                "\n"
+                "[Evidence start]\n"
+                "{evidence}\n"
+                "[Evidence end]\n"
+                "\n"
+                "Decide whether the target format suits the question and revise the "
+                "original response accordingly, following the rules and drawing on the "
+                'evidence where it helps. Write "Reasoning:" with your brief reasoning, '
+                'then on a new line "Revised response:" followed by the full revised '
+                "response."
+            ),
+        },
+    },
+    "forced": {
+        "plain": {
+            "system": (
+                "You revise the format of answers. You are given a question, an original "
+                "response to it, and a target format. Rewrite the response so that it "
+                "follows the target format, and follow these rules:\n"
+                "1. Change only the format. Keep the meaning and every piece of "
+                "information in the original response.\n"
+                "2. The revised response must still answer the question correctly.\n"
+                "3. The revised response must read fluently and must not add extra "
+                "subheadings.\n"
+                "\n"
+                "Reply in exactly this form:\n"
+                "Reasoning: <brief reasoning about how you applied the format>\n"
+                "Revised response: <the full revised response>"
+            ),
+            "user": (
+                "[Question start]\n"
+                "{question}\n"
+                "[Question end]\n"
+                "\n"
+                "[Original response start]\n"
+                "{response}\n"
+                "[Original response end]\n"
+                "\n"
+                "[Target format start]\n"
+                "{format}\n"
+                "[Target format end]\n"
+                "\n"
+                "Rewrite the original response in the target format, following the rules. "
+                'Write "Reasoning:" with your brief reasoning, then on a new line '
+                '"Revised response:" followed by the full revised response.'
+            ),
+        },
+        "evidence": {
+            "system": (
+                "You revise the format of answers. You are given a question, an original "
+                "response to it, a target format, and evidence retrieved from a web "
+                "search. Rewrite the response so that it follows the target format, and "
+                "follow these rules:\n"
+                "1. Change only the format. Keep the meaning and every piece of "
+                "information in the original response.\n"
+                "2. The revised response must still answer the question correctly.\n"
+                "3. The revised response must read fluently and must not add extra "
+                "subheadings.\n"
+                "4. Use whichever parts of the evidence help to answer the question well; "
+                "ignore the parts that do not.\n"
+                "\n"
+                "Reply in exactly this form:\n"
+                "Reasoning: <brief reasoning about how you applied the format>\n"
+                "Revised response: <the full revised response>"
+            ),
+            "user": (
+                "[Question start]\n"
+                "{question}\n"
+                "[Question end]\n"
+                "\n"
+                "[Original response start]\n"
+                "{response}\n"
+                "[Original response end]\n"
+                "\n"
+                "[Target format start]\n"
+                "{format}\n"
+                "[Target format end]\n"
+                "\n"
+                "[Evidence start]\n"
+                "{evidence}\n"
+                "[Evidence end]\n"
+                "\n"
+                "Rewrite the original response in the target format, following the rules "
+                'and drawing on the evidence where it helps. Write "Reasoning:" with your '
+                'brief reasoning, then on a new line "Revised response:" followed by the '
+                "full revised response."
+            ),
+        },
+    },
+}
+
+# ---------------------------------------------------------------------------
+# Evaluation: judge prompts (paper section on factuality and readability)
+# ---------------------------------------------------------------------------
+
+# factuality user fields: {question}, {reference}, {answer}; verdict [[n]], n in 1..10.
+# readability user fields: {question}, {answer_a}, {answer_b}; verdict [[A]], [[B]] or [[C]] (tie).
+JUDGE_PROMPTS = {
+    "factuality": {
+        "system": (
+            "You are an impartial judge of factual accuracy. You compare an AI "
+            "assistant's answer with a reference answer and rate how factually correct "
+            "the assistant's answer is."
+        ),
+        "user": (
+            "Rate the factual correctness of the assistant's answer to the question "
+            "below, using the reference answer as the ground truth. Judge only whether "
+            "the facts agree with the reference, not style or length. Give a short "
+            "explanation first, then a rating from 1 (wrong) to 10 (fully correct), "
+            "written strictly as [[n]], for example [[7]].\n"
+            "\n"
+            "[Question start]\n"
+            "{question}\n"
+            "[Question end]\n"
+            "\n"
+            "[Reference answer start]\n"
+            "{reference}\n"
+            "[Reference answer end]\n"
+            "\n"
+            "[Assistant's answer start]\n"
+            "{answer}\n"
+            "[Assistant's answer end]"
+        ),
+    },
+    "readability": {
+        "system": (
+            "You are an impartial judge of readability. You compare two AI assistants' "
+            "answers to the same question and decide which one is easier to read and "
+            "understand."
+        ),
+        "user": (
+            "Compare the readability of the two answers to the question below: how "
+            "well each is structured and how clearly it is written. Do not let the "
+            "order in which the answers appear or their length affect your verdict. "
+            "Give a short explanation first, then your verdict, written strictly as "
+            "[[A]] if answer A is more readable, [[B]] if answer B is more readable, "
+            "or [[C]] for a tie.\n"
+            "\n"
+            "[Question start]\n"
+            "{question}\n"
+            "[Question end]\n"
+            "\n"
+            "[Answer A start]\n"
+            "{answer_a}\n"
+            "[Answer A end]\n"
+            "\n"
+            "[Answer B start]\n"
+            "{answer_b}\n"
+            "[Answer B end]"
+        ),
+    },
+}

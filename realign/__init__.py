@@ -1,0 +1,44 @@
+"""Shared mechanisms of the ReAlign scripts: record I/O, the constant.py check, logging, retries.
+
+Policy lives in the top-level scripts; task data lives in ``constant.py``.
+"""
+
+from realign.checks import ConfigError, check_constants
+from realign.cli import FatalError, exits_cleanly, setup_logging
+from realign.lengths import LengthCounter, count_words
+from realign.records import (
+    InputError,
+    ProgressWriter,
+    chunk_bounds,
+    iter_progress,
+    load_records,
+    read_done_ids,
+    read_json_or_jsonl,
+    read_progress,
+    validate_records,
+    write_json_atomic,
+)
+from realign.retry import is_transient_status, parse_retry_after, retry_delay
+
+__all__ = [
+    "ConfigError",
+    "FatalError",
+    "InputError",
+    "LengthCounter",
+    "ProgressWriter",
+    "check_constants",
+    "chunk_bounds",
+    "count_words",
+    "exits_cleanly",
+    "is_transient_status",
+    "iter_progress",
+    "load_records",
+    "parse_retry_after",
+    "read_done_ids",
+    "read_json_or_jsonl",
+    "read_progress",
+    "retry_delay",
+    "setup_logging",
+    "validate_records",
+    "write_json_atomic",
+]

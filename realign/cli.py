@@ -1,0 +1,64 @@
+"""What every script does around its work: logging set-up and turning errors into exit codes."""
+
+import functools
+import logging
+import os
+import sys
+
+from realign.checks import ConfigError
+from realign.records import InputError
+
+
+class FatalError(Exception):
+    """An error that will not heal (bad key, unknown model): stop the run, exit status 1."""
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Log through ``tqdm.write`` so log lines do not tear a progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbose=False):
+    """Configure the root logger once, inside ``main`` (never at import)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, TqdmHandler):
+            root.removeHandler(handler)
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The HTTP client libraries log every request at INFO; they add noise, never secrets we want.
+    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exits_cleanly(main):
+    """Wrap a script's ``main``: bad input or config -> one stderr line and exit 2,
+    unhealable remote errors -> one line and exit 1, Ctrl-C -> 130. No traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        prog = main.__module__
+        if prog == "__main__":
+            prog = os.path.basename(sys.argv[0])
+        try:
+            return main(argv)
+        except (InputError, ConfigError) as e:
+            sys.stderr.write(f"{prog}: error: {e}\n")
+            return 2
+        except FatalError as e:
+            sys.stderr.write(f"{prog}: error: {e}\n")
+            return 1
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{prog}: interrupted; progress so far is saved, rerun to continue\n")
+            return 130
+
+    return wrapper

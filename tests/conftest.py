@@ -1,0 +1,35 @@
+"""Shared fixtures: offline stand-ins for the remote services."""
+
+import os
+
+import pytest
+from fake_servers import FakeOpenAIServer, FakeSerperServer
+
+# vLLM's CPU build: run the engine in-process (starts in seconds) with a small KV cache.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def fake_openai():
+    """A running FakeOpenAIServer; point clients at `fake_openai.url`."""
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_serper():
+    """A running FakeSerperServer; point clients at `fake_serper.search_url`."""
+    with FakeSerperServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + tokenizer folder standing in for the 13B task classifier."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
