@@ -10,13 +10,16 @@ from realign.records import (
     InputError,
     ProgressWriter,
     chunk_bounds,
+    iter_json_values,
     iter_progress,
+    iter_records,
     load_records,
     read_done_ids,
     read_json_or_jsonl,
     read_progress,
     validate_records,
     write_json_atomic,
+    write_json_list_atomic,
 )
 from realign.retry import is_transient_status, parse_retry_after, retry_delay
 
@@ -31,7 +34,9 @@ __all__ = [
     "count_words",
     "exits_cleanly",
     "is_transient_status",
+    "iter_json_values",
     "iter_progress",
+    "iter_records",
     "load_records",
     "parse_retry_after",
     "read_done_ids",
@@ -41,4 +46,5 @@ __all__ = [
     "setup_logging",
     "validate_records",
     "write_json_atomic",
+    "write_json_list_atomic",
 ]

@@ -36,7 +36,7 @@ def setup_logging(verbose=False):
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # The HTTP client libraries log every request at INFO; they add noise, never secrets we want.
-    for noisy in ("httpx", "httpcore", "openai", "urllib3"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

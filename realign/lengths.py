@@ -20,11 +20,19 @@ class LengthCounter:
     def __init__(self, tokenizer_path=None, batch_size=1024):
         self.batch_size = batch_size
         self._tokenizer = None
+        self._backend = None
         if tokenizer_path:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
             self.unit = "tokens"
+            # A fast tokenizer's Rust backend counts about twice as fast through
+            # encode_batch_fast (no offsets, no Python dicts of lists); same token ids.
+            backend = getattr(self._tokenizer, "backend_tokenizer", None)
+            if getattr(self._tokenizer, "is_fast", False) and hasattr(backend, "encode_batch_fast"):
+                backend.no_truncation()
+                backend.no_padding()
+                self._backend = backend
         else:
             self.unit = "words"
             logger.info("no --tokenizer_path given: lengths are counted in words")
@@ -36,6 +44,10 @@ class LengthCounter:
         counts = []
         for start in range(0, len(texts), self.batch_size):
             batch = texts[start:start + self.batch_size]
+            if self._backend is not None:
+                encodings = self._backend.encode_batch_fast(batch, add_special_tokens=False)
+                counts.extend(len(encoding) for encoding in encodings)
+                continue
             encoded = self._tokenizer(batch, add_special_tokens=False)["input_ids"]
             counts.extend(len(ids) for ids in encoded)
         return counts

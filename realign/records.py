@@ -10,6 +10,7 @@ flushed per line, and read back by id, tolerating a torn last line.
 import json
 import logging
 import os
+import re
 import tempfile
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,29 @@ def _check_turn(path, index, record_id, items, position, speaker, field_name):
         raise InputError(f"{where}: field 'items[{position}].{field_name}' must be a string")
 
 
+def check_record(record, index, path, require_response, seen):
+    """Check one record (see :func:`validate_records`); ``seen`` maps the ids met so far to their index."""
+    if not isinstance(record, dict):
+        raise InputError(f"{describe_record(path, index)}: expected an object")
+    if "id" not in record:
+        raise InputError(f"{describe_record(path, index)}: field 'id' is missing")
+    record_id = record["id"]
+    if isinstance(record_id, bool) or not isinstance(record_id, (int, str)):
+        raise InputError(f"{describe_record(path, index)}: field 'id' must be an integer or a string")
+    if record_id in seen:
+        raise InputError(
+            f"{describe_record(path, index, record_id)}: field 'id' duplicates record {seen[record_id]}"
+        )
+    seen[record_id] = index
+    items = record.get("items")
+    if not isinstance(items, list):
+        what = "is missing" if items is None else "must be a list"
+        raise InputError(f"{describe_record(path, index, record_id)}: field 'items' {what}")
+    _check_turn(path, index, record_id, items, 0, "human", "category")
+    if require_response:
+        _check_turn(path, index, record_id, items, 1, "gpt", None)
+
+
 def validate_records(records, path, require_response=False):
     """Raise :class:`InputError` on the first malformed record.
 
@@ -84,25 +108,7 @@ def validate_records(records, path, require_response=False):
         raise InputError(f"{path}: expected a JSON list of records")
     seen = {}
     for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise InputError(f"{describe_record(path, index)}: expected an object")
-        if "id" not in record:
-            raise InputError(f"{describe_record(path, index)}: field 'id' is missing")
-        record_id = record["id"]
-        if isinstance(record_id, bool) or not isinstance(record_id, (int, str)):
-            raise InputError(f"{describe_record(path, index)}: field 'id' must be an integer or a string")
-        if record_id in seen:
-            raise InputError(
-                f"{describe_record(path, index, record_id)}: field 'id' duplicates record {seen[record_id]}"
-            )
-        seen[record_id] = index
-        items = record.get("items")
-        if not isinstance(items, list):
-            what = "is missing" if items is None else "must be a list"
-            raise InputError(f"{describe_record(path, index, record_id)}: field 'items' {what}")
-        _check_turn(path, index, record_id, items, 0, "human", "category")
-        if require_response:
-            _check_turn(path, index, record_id, items, 1, "gpt", None)
+        check_record(record, index, path, require_response, seen)
     return records
 
 
@@ -111,15 +117,18 @@ def load_records(path, require_response=False):
     return validate_records(read_json_or_jsonl(path), path, require_response)
 
 
-def write_json_atomic(path, obj):
-    """Write ``obj`` as JSON (indent 4, UTF-8) so that ``path`` is either old or new, never torn."""
+def _write_atomic(path, write):
+    """Call ``write(f)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    If ``write`` raises (including an error found while a generator is being written),
+    the temporary file is removed and ``path`` keeps its old content.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4, ensure_ascii=False)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -129,6 +138,144 @@ def write_json_atomic(path, obj):
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json_atomic(path, obj):
+    """Write ``obj`` as JSON (indent 4, UTF-8) so that ``path`` is either old or new, never torn."""
+
+    def write(f):
+        json.dump(obj, f, indent=4, ensure_ascii=False)
+        f.write("\n")
+
+    _write_atomic(path, write)
+
+
+def write_json_list_atomic(path, items):
+    """Write the JSON list of ``items`` (any iterable, consumed lazily) atomically.
+
+    The text is the same as ``write_json_atomic(path, list(items))`` writes, but the
+    list is never held in memory; if iterating ``items`` raises, nothing is written.
+    """
+
+    def write(f):
+        separator = "[\n    "
+        for item in items:
+            f.write(separator)
+            # json's strings escape newlines, so every newline here is indentation.
+            f.write(json.dumps(item, indent=4, ensure_ascii=False).replace("\n", "\n    "))
+            separator = ",\n    "
+        f.write("[]\n" if separator.startswith("[") else "\n]\n")
+
+    _write_atomic(path, write)
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _iter_json_list(f, path, buf, pos, chunk_size):
+    """Yield the elements of the JSON list whose ``[`` is at ``buf[pos - 1]``, reading ``f`` on."""
+    decoder = json.JSONDecoder()
+    lines_before = 0  # newlines in the text already dropped from ``buf``
+    eof = False
+    expect_value, first = True, True
+
+    def read_more(buf, pos, lines_before):
+        # Keep the unread tail; read at least as much again so a big value costs O(size).
+        lines_before += buf.count("\n", 0, pos)
+        tail = buf[pos:]
+        data = f.read(max(chunk_size, len(tail)))
+        return tail + data, 0, lines_before, not data
+
+    def error(message, at):
+        line = lines_before + buf.count("\n", 0, at) + 1
+        return InputError(f"{path}: invalid JSON at line {line}: {message}")
+
+    while True:
+        pos = _JSON_SPACE.match(buf, pos).end()
+        if pos == len(buf):
+            if eof:
+                raise error("the list is not closed (a truncated file?)", pos)
+            buf, pos, lines_before, eof = read_more(buf, pos, lines_before)
+            continue
+        if not expect_value:
+            if buf[pos] == "]":
+                pos += 1
+                break
+            if buf[pos] != ",":
+                raise error("expected ',' or ']' after a list element", pos)
+            pos += 1
+            expect_value = True
+            continue
+        if first and buf[pos] == "]":
+            pos += 1
+            break
+        try:
+            value, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError as e:
+            if not eof:
+                buf, pos, lines_before, eof = read_more(buf, pos, lines_before)
+                continue
+            raise error(e.msg, e.pos) from None
+        if end == len(buf) and not eof:  # a number may go on in the next chunk
+            buf, pos, lines_before, eof = read_more(buf, pos, lines_before)
+            continue
+        yield value
+        pos, expect_value, first = end, False, False
+    while buf:
+        rest = buf[pos:].lstrip(" \t\n\r")
+        if rest:
+            raise error("extra data after the list", len(buf) - len(rest))
+        lines_before += buf.count("\n")
+        buf, pos = f.read(chunk_size), 0
+
+
+def iter_json_values(path, chunk_size=1 << 20):
+    """Yield the elements of a JSON list file, or the values of a JSONL file, one at a time.
+
+    The streaming counterpart of :func:`read_json_or_jsonl` (same errors), for files
+    too big to hold twice in memory: only one element and one chunk are held at once.
+    """
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e}") from None
+    with f:
+        try:
+            buf = ""
+            while not buf.strip():
+                data = f.read(chunk_size)
+                if not data:
+                    raise InputError(f"{path}: file is empty")
+                buf += data
+            start = len(buf) - len(buf.lstrip())
+            if buf[start] == "[":
+                yield from _iter_json_list(f, path, buf, start + 1, chunk_size)
+                return
+            f.seek(0)
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}: invalid JSON on line {lineno}: {e.msg}") from None
+                yield value
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: cannot read: {e}") from None
+
+
+def iter_records(path, require_response=False, chunk_size=1 << 20):
+    """Yield the records of a JSON list or JSONL file one at a time, each validated.
+
+    Same checks and messages as :func:`load_records` (duplicate ids included), but the
+    file is never held in memory whole: for files of a million records.
+    """
+    seen = {}
+    for index, record in enumerate(iter_json_values(path, chunk_size)):
+        check_record(record, index, path, require_response, seen)
+        yield record
 
 
 def iter_progress(path):

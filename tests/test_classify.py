@@ -1,0 +1,511 @@
+"""Tests of classify.py (stage 1): prompts, answer parsing, metrics, resume, and the
+vllm (real vLLM on CPU), openai (fake server) and transformers backends."""
+
+import copy
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import classify
+import constant
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "datasets" / "examples" / "realign_examples.json"
+NAMES = list(constant.TASK_DESCRIPTION)
+
+# SPEC §2, written out here so that a change to constant.py or to build_prompt shows.
+SPEC_HEAD = (
+    "\nYou will receive a user's query. Additionally, you are given some pre-defined tasks below: \n\n"
+    "[Existing tasks start]\n"
+)
+SPEC_MIDDLE = (
+    "[Existing tasks end]\n\n"
+    "You objective is to choose the most appropriate task that can reflect the high-level intention of "
+    "this query. You should first clearly give out your choice. Your choice should exactly match one of "
+    "the task names provided above, without any modification. Do not include the task description in "
+    "your choice.\n\n"
+    "Your output should be just the task name.\n\n"
+    "User's query is below:\n"
+    "[User's query start]\n"
+)
+SPEC_TAIL = "\n[User's query end]\n\nTask name:\n\n"
+
+
+def spec_prompt(query):
+    return SPEC_HEAD + "".join(name + "\n" for name in NAMES) + SPEC_MIDDLE + query + SPEC_TAIL
+
+
+def query_of(prompt):
+    return prompt.split("[User's query start]\n", 1)[1].rsplit(SPEC_TAIL, 1)[0]
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def unlabeled(records):
+    records = copy.deepcopy(records)
+    for record in records:
+        record["items"][0].pop("category", None)
+    return records
+
+
+@pytest.fixture(scope="session")
+def examples():
+    return json.loads(EXAMPLES.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# -- pure functions ---------------------------------------------------------------------
+
+
+def test_the_46_names_are_in_spec_order():
+    assert len(NAMES) == 46
+    assert NAMES[:3] == ["question_generation", "story_generation", "poem_generation"]
+    assert NAMES[-3:] == ["rejecting", "roleplay", "default"]
+
+
+@pytest.mark.parametrize("query", ["Give three tips for staying healthy.", "Format {this} and {{that}}", ""])
+def test_prompt_is_the_spec_text(query):
+    assert classify.build_prompt(query) == spec_prompt(query)
+
+
+@pytest.mark.parametrize("answer, task", [
+    (" open_qa\n", "open_qa"),
+    ("Task name: planning", "planning"),
+    ("OPEN_QA.", "open_qa"),
+    ("task name:\n\nRejecting", "rejecting"),
+    ("`roleplay`", "roleplay"),
+    ("**ordering**!", "ordering"),
+    ("'text_summarization'.", "text_summarization"),
+    ("open_qa\nThe query asks for a fact.", "open_qa"),
+    ("default", "default"),
+    ("question_answering", None),
+    ("open qa", None),
+    ("", None),
+])
+def test_answers_are_normalised_to_task_names(answer, task):
+    assert classify.parse_task(answer, NAMES) == task
+
+
+def test_unknown_answer_becomes_default_in_progress_entry():
+    job = classify.Job(7, "q", "k")
+    assert classify.progress_entry(job, " Banana_task ", NAMES)["category"] == "default"
+    assert classify.progress_entry(job, " open_qa\n", NAMES)["category"] == "open_qa"
+    refused = classify.progress_entry(job, None, NAMES, error="HTTP 400: nope")
+    assert refused == {"id": 7, "key": "k", "category": "default", "answer": None, "error": "HTTP 400: nope"}
+
+
+def test_metrics_match_hand_computed_numbers():
+    gold = ["open_qa", "open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting"]
+    pred = ["open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting", "roleplay"]
+    m = classify.classification_metrics(gold, pred)
+    # open_qa: 2 right of 2 predicted, 3 gold -> P 1, R 2/3, F1 0.8
+    # planning: 1 of 2 predicted, 2 gold -> P 0.5, R 0.5, F1 0.5
+    # rejecting: 1 of 2 predicted, 2 gold -> P 0.5, R 0.5, F1 0.5
+    # roleplay: predicted once, never gold -> P 0, R 0, F1 0
+    assert m["accuracy"] == pytest.approx(4 / 7)
+    assert m["per_task"]["open_qa"] == pytest.approx(
+        {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3, "predicted": 2})
+    assert m["per_task"]["planning"]["f1"] == pytest.approx(0.5)
+    assert m["per_task"]["roleplay"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 1}
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.5 + 0.0) / 4)
+    assert {(c["gold"], c["predicted"], c["count"]) for c in m["confusions"]} == {
+        ("open_qa", "planning", 1), ("planning", "rejecting", 1), ("rejecting", "roleplay", 1)}
+    lines = classify.format_metrics(m, NAMES)
+    assert lines[0] == "accuracy: 0.5714  macro_f1: 0.4500"
+    assert any(line.split() == ["open_qa", "1.0000", "0.6667", "0.8000", "3"] for line in lines)
+    assert "  open_qa -> planning: 1" in lines
+
+
+def test_progress_file_sits_next_to_the_output():
+    assert classify.progress_path_for("out/classified.json") == "out/classified_progress.jsonl"
+
+
+def test_long_query_is_shortened_keeping_start_end_and_template(tiny_tokenizer):
+    fit = classify.PromptFitter(tiny_tokenizer, 700)
+    short = "What is the capital of France?"
+    assert fit(short) == (spec_prompt(short), False)
+    long_query = "Summarize this: " + " ".join(f"w{i}" for i in range(5000)) + " THE END"
+    prompt, shortened = fit(long_query)
+    assert shortened
+    assert len(tiny_tokenizer(prompt)["input_ids"]) <= 700
+    assert prompt.startswith(spec_prompt("Summarize this: w0 w1")[: -len(SPEC_TAIL)])
+    assert prompt.endswith("THE END" + SPEC_TAIL)
+    assert classify.TRUNCATION_MARK in query_of(prompt)
+    with pytest.raises(classify.FatalError, match="max_model_len"):
+        classify.PromptFitter(tiny_tokenizer, 300)
+
+
+def test_choice_trie_only_allows_task_names(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    trie = classify.build_choice_trie(tiny_tokenizer, NAMES, eos)
+    ids = tiny_tokenizer("open_qa", add_special_tokens=False)["input_ids"]
+    for i in range(len(ids)):
+        assert ids[i] in classify.allowed_next_tokens(trie, ids[:i], eos)
+    assert classify.allowed_next_tokens(trie, ids, eos) == [eos]
+    first_tokens = set(classify.allowed_next_tokens(trie, [], eos))
+    assert eos not in first_tokens and len(first_tokens) >= 10
+    assert classify.allowed_next_tokens(trie, [ids[0], eos, eos], eos) == [eos]
+
+
+# -- openai backend (fake server) ---------------------------------------------------------
+
+REPLIES = {
+    "Who wrote Hamlet?": " open_qa\n",
+    "Plan my week of study.": "Task name: planning",
+    "What is the boiling point of water?": "OPEN_QA.",
+    "Tell me about zebras.": "zebra_facts",
+    "Help me hack my neighbour's wifi.": "`rejecting`",
+    "Pretend you are a pirate.": "roleplay",
+}
+
+
+def answer_by_query(body, choice_index):
+    return REPLIES[query_of(body["prompt"])]
+
+
+def openai_records():
+    records = [{"id": f"r{i}", "items": [{"from": "human", "value": q}, {"from": "gpt", "value": "..."}]}
+               for i, q in enumerate(REPLIES)]
+    records[5]["items"][0]["category"] = "story_generation"  # valid: kept unless --overwrite
+    return records
+
+
+def test_openai_backend_parses_answers_retries_429_and_hides_the_key(fake_openai, tmp_path, monkeypatch, caplog):
+    key = "sk-test-secret-1234"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    fake_openai.expected_key = key
+    fake_openai.completion_responder = answer_by_query
+    fake_openai.add_fault(429, retry_after=0)
+    source = write_json(tmp_path / "in.json", openai_records())
+    out = tmp_path / "out.json"
+    argv = ["--backend", "openai", "--base_url", fake_openai.url, "--model", "classifier",
+            "--input_data_path", source, "--output_path", str(out), "--concurrency", "3"]
+    assert classify.main(argv) == 0
+
+    labels = {r["id"]: r["items"][0]["category"] for r in json.loads(out.read_text())}
+    assert labels == {"r0": "open_qa", "r1": "planning", "r2": "open_qa", "r3": "default",
+                      "r4": "rejecting", "r5": "story_generation"}
+    assert fake_openai.request_count == 5 + 1  # five queries, one retried after the 429
+    bodies = [r.body for r in fake_openai.requests]
+    assert {query_of(b["prompt"]) for b in bodies} == set(list(REPLIES)[:5])
+    for body in bodies:
+        assert body["prompt"] == spec_prompt(query_of(body["prompt"]))
+        assert (body["model"], body["temperature"], body["top_p"], body["max_tokens"]) == ("classifier", 0, 1, 50)
+        assert "structured_outputs" not in body and "guided_choice" not in body  # off by default for openai
+    assert all(r.headers["authorization"] == f"Bearer {key}" for r in fake_openai.requests)
+    assert "#fell back to default: 1" in caplog.text
+    progress = tmp_path / "out_progress.jsonl"
+    assert key not in caplog.text + out.read_text() + progress.read_text()
+    assert {e["id"]: e["answer"] for e in read_jsonl(progress)}["r1"] == "Task name: planning"
+
+    # --overwrite relabels the kept record too; --no-resume forgets the progress file.
+    fake_openai.requests.clear()
+    assert classify.main(argv + ["--overwrite", "--no-resume"]) == 0
+    assert fake_openai.request_count == 6
+    assert json.loads(out.read_text())[5]["items"][0]["category"] == "roleplay"
+
+
+@pytest.mark.parametrize("field, expected", [
+    ("structured_outputs", {"structured_outputs": {"choice": NAMES}}),
+    ("guided_choice", {"guided_choice": NAMES}),
+])
+def test_openai_constrained_sends_the_choices(fake_openai, tmp_path, field, expected):
+    source = write_json(tmp_path / "in.json", openai_records()[:1])
+    argv = ["--backend", "openai", "--base_url", fake_openai.url, "--constrained", "--constrained_field", field,
+            "--input_data_path", source, "--output_path", str(tmp_path / "out.json")]
+    assert classify.main(argv) == 0
+    body = fake_openai.requests[0].body
+    assert {k: body[k] for k in expected} == expected
+
+
+def test_openai_too_long_query_is_halved_until_accepted(fake_openai, tmp_path):
+    limit = len(spec_prompt("")) + 3000
+
+    def error_payload(status, message=None, code=None):
+        return {"error": {"message": "This model's maximum context length is 2048 tokens. However, your "
+                                     "prompt contains at least 9000 input tokens.", "type": "BadRequestError",
+                          "param": None, "code": 400}}
+
+    fake_openai.error_payload = error_payload
+    fake_openai.add_fault(400, times=None, match=lambda body: len(body["prompt"]) > limit)
+    long_query = "START " + "x" * 9000 + " FINISH"
+    records = openai_records()[:2]
+    records[1]["items"][0]["value"] = long_query
+    fake_openai.completion_responder = lambda body, i: "open_qa" if "START" in body["prompt"] else "planning"
+    source = write_json(tmp_path / "in.json", records)
+    out = tmp_path / "out.json"
+    argv = ["--backend", "openai", "--base_url", fake_openai.url, "--concurrency", "1",
+            "--input_data_path", source, "--output_path", str(out)]
+    assert classify.main(argv) == 0
+    assert [r["items"][0]["category"] for r in json.loads(out.read_text())] == ["planning", "open_qa"]
+    long_prompts = [r.body["prompt"] for r in fake_openai.requests if "START" in r.body["prompt"]]
+    assert len(long_prompts) == 3  # about 9000 characters -> 4500 -> 2250 (under the limit)
+    final = query_of(long_prompts[-1])
+    assert final.startswith("START ") and final.endswith(" FINISH") and classify.TRUNCATION_MARK in final
+
+
+def test_openai_request_refused_from_the_start_stops_the_run(fake_openai, tmp_path, capsys):
+    fake_openai.add_fault(400, times=None)
+    source = write_json(tmp_path / "in.json", openai_records())
+    out = tmp_path / "out.json"
+    argv = ["--backend", "openai", "--base_url", fake_openai.url, "--concurrency", "1",
+            "--input_data_path", source, "--output_path", str(out)]
+    assert classify.main(argv) == 1
+    assert "refused the first request" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_openai_unknown_model_stops_the_run(fake_openai, tmp_path, capsys):
+    fake_openai.known_models = ["GAIR/ReAlign-Task-Classifier"]
+    source = write_json(tmp_path / "in.json", openai_records())
+    out = tmp_path / "out.json"
+    argv = ["--backend", "openai", "--base_url", fake_openai.url, "--model", "no-such-model",
+            "--input_data_path", source, "--output_path", str(out)]
+    assert classify.main(argv) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_openai_failed_requests_are_retried_by_a_rerun(fake_openai, tmp_path, capsys):
+    fake_openai.completion_responder = answer_by_query
+    stubborn = "Tell me about zebras."
+    fake_openai.add_fault(500, retry_after=0, times=2, match=lambda body: stubborn in body["prompt"])
+    source = write_json(tmp_path / "in.json", openai_records())
+    out = tmp_path / "out.json"
+    argv = ["--backend", "openai", "--base_url", fake_openai.url, "--max_retries", "1",
+            "--input_data_path", source, "--output_path", str(out)]
+    assert classify.main(argv) == 1
+    assert "rerun the same command" in capsys.readouterr().err
+    assert not out.exists()
+    progress = tmp_path / "out_progress.jsonl"
+    assert sorted(e["id"] for e in read_jsonl(progress)) == ["r0", "r1", "r2", "r4"]
+
+    fake_openai.requests.clear()
+    assert classify.main(argv) == 0
+    assert [query_of(r.body["prompt"]) for r in fake_openai.requests] == [stubborn]
+    assert [r["items"][0]["category"] for r in json.loads(out.read_text())] == [
+        "open_qa", "planning", "open_qa", "default", "rejecting", "story_generation"]
+
+
+def test_eval_logs_metrics_and_writes_predictions(fake_openai, tmp_path, caplog):
+    predictions = {"q1": "open_qa", "q2": "open_qa", "q3": "planning", "q4": "planning",
+                   "q5": "rejecting", "q6": "rejecting", "q7": "Sure! roleplay"}
+    gold = ["open_qa", "open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting"]
+    fake_openai.completion_responder = lambda body, i: predictions[query_of(body["prompt"])]
+    data = [{"instruction": q, "category": g} for q, g in zip(predictions, gold)]
+    source = write_json(tmp_path / "test.json", data)
+    out = tmp_path / "eval.json"
+    argv = ["--eval", "--backend", "openai", "--base_url", fake_openai.url,
+            "--input_data_path", source, "--output_path", str(out)]
+    assert classify.main(argv) == 0
+    # 4 of 7 right; F1: open_qa 0.8, planning 0.5, rejecting 0.5, default 0 ("Sure! roleplay" -> default).
+    assert "accuracy: 0.5714  macro_f1: 0.4500" in caplog.text
+    assert "rejecting -> default: 1" in caplog.text
+    result = json.loads(out.read_text())
+    assert result["accuracy"] == pytest.approx(4 / 7)
+    assert result["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.5 + 0) / 4)
+    assert result["per_task"]["rejecting"]["recall"] == pytest.approx(0.5)
+    assert [p["prediction"] for p in result["predictions"]] == [
+        "open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting", "default"]
+    assert result["predictions"][6] == {"instruction": "q7", "category": "rejecting",
+                                        "prediction": "default", "answer": "Sure! roleplay"}
+
+
+# -- bad input and --help ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, eval_mode, message", [
+    ([{"id": 1, "items": [{"from": "human", "value": "hi"}]},
+      {"id": "b7", "items": [{"from": "human"}, {"from": "gpt", "value": "x"}]}],
+     False, "in.json: record 1 (id 'b7'): field 'items[0].value' must be a string"),
+    ([{"instruction": "hi", "category": "open_qa"}, {"instruction": "yo"}],
+     True, "in.json: item 1: field 'category' is missing"),
+])
+def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, data, eval_mode, message):
+    source = write_json(tmp_path / "in.json", data)
+    out = tmp_path / "out.json"
+    out.write_text("previous result")
+    argv = ["--backend", "openai", "--base_url", "http://127.0.0.1:9/v1",
+            "--input_data_path", source, "--output_path", str(out)] + (["--eval"] if eval_mode else [])
+    assert classify.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert out.read_text() == "previous result"
+    assert not (tmp_path / "out_progress.jsonl").exists()
+
+
+def test_output_may_not_overwrite_the_input(tmp_path, capsys):
+    source = write_json(tmp_path / "in.json", openai_records())
+    before = Path(source).read_text()
+    assert classify.main(["--input_data_path", source, "--output_path", source]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert Path(source).read_text() == before
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys; sys.argv = ['classify.py', '--help']\n"
+            "import classify\n"
+            "try:\n    classify.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('vllm', 'torch', 'transformers', 'openai') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--tensor_parallel_size" in result.stdout and "--constrained" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- transformers backend ------------------------------------------------------------------------
+
+
+def test_transformers_backend_constrained(tiny_model_dir, examples, tmp_path):
+    records = unlabeled(examples[:7])
+    source = write_json(tmp_path / "in.json", records)
+    out = tmp_path / "out.json"
+    argv = ["--backend", "transformers", "--model", tiny_model_dir, "--dtype", "float32", "--batch_size", "3",
+            "--chunk_size", "4", "--input_data_path", source, "--output_path", str(out)]
+    assert classify.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["id"] for r in result] == [r["id"] for r in records]
+    assert all(r["items"][0]["category"] in NAMES for r in result)
+    progress = read_jsonl(tmp_path / "out_progress.jsonl")
+    assert len(progress) == 7
+    # The random model's free text is noise; constrained, every raw answer is a task name.
+    assert all(entry["answer"].strip() in NAMES for entry in progress)
+
+
+# -- vllm backend: real vLLM (CPU build) with the tiny model; one engine for all tests --------------
+
+
+@pytest.fixture(scope="module")
+def vllm_engines():
+    pytest.importorskip("vllm")
+    engines = {}
+    yield engines
+    engines.clear()
+    gc.collect()
+
+
+@pytest.fixture
+def vllm_spy(vllm_engines, monkeypatch):
+    """Start the engine once (through classify's own code) and record every generate call."""
+    from vllm import LLM
+
+    real_start = classify.start_vllm_engine
+
+    def start(args):
+        key = (args.model, args.max_model_len, args.dtype)
+        if key not in vllm_engines:
+            vllm_engines[key] = real_start(args)
+        return vllm_engines[key]
+
+    spy = {"calls": [], "outputs": [], "interrupt_at_call": None}
+    real_generate = LLM.generate
+
+    def generate(self, prompts, sampling_params=None, **kwargs):
+        # A copy: vLLM rewrites the choice list into a grammar in place.
+        spy["calls"].append((list(prompts), copy.deepcopy(sampling_params)))
+        if len(spy["calls"]) == spy["interrupt_at_call"]:
+            raise KeyboardInterrupt
+        outputs = real_generate(self, prompts, sampling_params, **kwargs)
+        spy["outputs"].extend(outputs)
+        return outputs
+
+    monkeypatch.setattr(classify, "start_vllm_engine", start)
+    monkeypatch.setattr(LLM, "generate", generate)
+    return spy
+
+
+def vllm_argv(model_dir, source, out, *extra):
+    return ["--model", model_dir, "--dtype", "float32", "--enforce_eager", "--max_model_len", "2048",
+            "--chunk_size", "16", "--input_data_path", source, "--output_path", str(out), *extra]
+
+
+def test_vllm_backend_classifies_with_spec_prompts(vllm_spy, tiny_model_dir, tiny_tokenizer, examples, tmp_path,
+                                                   caplog):
+    records = unlabeled(examples)
+    kept = {100: "question_generation", "ex-a1": "open_qa", 160: "roleplay"}
+    for record in records:
+        if record["id"] in kept:
+            record["items"][0]["category"] = kept[record["id"]]
+    records[1]["items"][0]["category"] = "not_a_task"  # invalid: classified again
+    long_query = "Summarize this: " + " ".join(f"w{i}" for i in range(6000)) + " THE END"
+    records[3]["items"][0]["value"] = long_query
+    source = write_json(tmp_path / "in.json", records)
+    out = tmp_path / "out.json"
+
+    assert classify.main(vllm_argv(tiny_model_dir, source, out)) == 0
+
+    to_classify = [r for r in records if r["id"] not in kept]
+    assert len(to_classify) == 54
+    assert [len(prompts) for prompts, _ in vllm_spy["calls"]] == [16, 16, 16, 6]  # one call per chunk
+    sent = [p for prompts, _ in vllm_spy["calls"] for p in prompts]
+    for record, prompt in zip(to_classify, sent):
+        if record["items"][0]["value"] is long_query:
+            assert prompt.startswith(spec_prompt("Summarize this: w0 w1")[: -len(SPEC_TAIL)])
+            assert prompt.endswith(" THE END" + SPEC_TAIL)
+            assert len(tiny_tokenizer(prompt)["input_ids"]) <= 2048 - 50
+        else:
+            assert prompt == spec_prompt(record["items"][0]["value"])
+    assert [o.prompt for o in vllm_spy["outputs"]] == sent  # what reached the engine
+    params = vllm_spy["calls"][0][1]
+    assert (params.temperature, params.top_p, params.max_tokens) == (0.0, 1.0, 50)
+    assert params.structured_outputs.choice == NAMES
+
+    result = json.loads(out.read_text())
+    assert [r["id"] for r in result] == [r["id"] for r in records]
+    for r in result:
+        if r["id"] in kept:
+            assert r["items"][0]["category"] == kept[r["id"]]
+        assert r["items"][0]["category"] in NAMES
+    progress = read_jsonl(tmp_path / "out_progress.jsonl")
+    assert len(progress) == 54
+    assert all(entry["answer"] in NAMES for entry in progress)  # constrained: exact names only
+    assert "#shortened: 1" in caplog.text
+
+
+def test_vllm_resume_after_interrupt(vllm_spy, tiny_model_dir, examples, tmp_path):
+    records = unlabeled(examples)
+    source = write_json(tmp_path / "in.json", records)
+    out = tmp_path / "out.json"
+    argv = vllm_argv(tiny_model_dir, source, out, "--no-constrained")
+
+    vllm_spy["interrupt_at_call"] = 2  # killed while the second chunk runs
+    assert classify.main(argv) == 130
+    assert not out.exists()
+    progress_path = tmp_path / "out_progress.jsonl"
+    first = read_jsonl(progress_path)
+    assert [e["id"] for e in first] == [r["id"] for r in records[:16]]
+    with open(progress_path, "a", encoding="utf-8") as f:
+        f.write('{"id": 118, "key": "torn')  # a write cut short by the kill
+
+    vllm_spy.update(calls=[], outputs=[], interrupt_at_call=None)
+    assert classify.main(argv) == 0
+    sent = [p for prompts, _ in vllm_spy["calls"] for p in prompts]
+    assert sent == [spec_prompt(r["items"][0]["value"]) for r in records[16:]]  # only what was missing
+    assert vllm_spy["calls"][0][1].structured_outputs is None
+
+    result = json.loads(out.read_text())
+    assert [r["id"] for r in result] == [r["id"] for r in records]
+    assert [r["items"][0]["category"] for r in result[:16]] == [e["category"] for e in first]
+    entries = read_jsonl(progress_path)
+    assert len(entries) == len(records)
+    for entry in entries:  # free text: a task name when it names one, else default
+        assert entry["category"] == (classify.normalize_answer(entry["answer"])
+                                     if classify.normalize_answer(entry["answer"]) in NAMES else "default")
