@@ -1,0 +1,359 @@
+"""rewrite_data_selection.py: each rule and preset on literal inputs, pairing by id, bad input."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny_model import build_tiny_tokenizer
+
+import rewrite_data_selection as sel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = "Paris is the capital of France and its largest city by far."  # 12 words
+
+
+def judge(rules, original, rewrite, question="What is it?", category="open_qa"):
+    """(keep, rule) with lengths counted in words, as main does without a tokenizer."""
+    record = {"id": 1, "items": [{"from": "human", "value": question, "category": category},
+                                 {"from": "gpt", "value": original}]}
+    return sel.judge_batch([(record, rewrite)], rules, 0.5, sel.LengthCounter())[0]
+
+
+# -- single rules -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("original, rewrite, kept", [
+    ("B", "The answer is B.", True),
+    ("B", "The answer is (B) because ...", True),
+    (" B\n", "B", True),
+    ("B", "Both options are wrong; see Bob.", False),  # only inside words
+    ("B", "The answer is b.", False),  # case matters, as in the original
+    ("B", "Option B2 is it", False),  # next to a digit
+    ("3", "It is 3.", True),
+    ("3", "It is 33.", False),
+    (".", "no full stop here", False),  # escaped: '.' is not 'any character'
+    (".", "ends with one .", True),
+    ("(", "an open ( bracket", True),  # unescaped, this crashed the original
+    ("*", "no star", False),
+])
+def test_single_letter_rule(original, rewrite, kept):
+    assert sel._single_letter("q", "c", original, rewrite) == (sel.ACCEPT if kept else sel.REJECT)
+
+
+def test_single_letter_accepts_before_the_length_rule():
+    # A one-letter original is always much shorter; the letter rule decides alone.
+    assert judge(sel.PRESETS["open_platypus"], "C", "C") == (False, "unchanged")
+    assert judge(sel.PRESETS["open_platypus"], "C", "C is right") == (True, None)
+    assert judge(sel.PRESETS["open_platypus"], "C", "Choice D is right") == (False, "single_letter")
+    assert sel._single_letter("q", "c", "CD", "x") is None
+
+
+@pytest.mark.parametrize("original", ["True", "False", " True\n"])
+def test_true_false_originals_always_accept_the_rewrite(original):
+    # Even a rewrite that the code and length rules would reject.
+    rewrite = "```python\nprint(1)\n``` " + "x " * 40
+    assert judge(sel.PRESETS["open_platypus"], original, rewrite) == (True, None)
+    assert judge(sel.PRESETS["alpaca"], original * 10, "```x```") == (False, "code")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("```python\nx = 1\n```", True),
+    ("def f(x):\n    return x", True),
+    ("def f(x): pass", False),  # 'def ' without 'return '
+    ("Return the book by Friday.", False),
+    ("use ``` once", False),  # a single fence is no block
+    ("plain text", False),
+])
+def test_has_code(text, expected):
+    assert sel.has_code(text) is expected
+
+
+def test_code_rule_rejects_when_exactly_one_side_has_code():
+    code = "```python\nprint('hi')\n```"
+    assert sel._code("q", "c", code, "Here it is:\n" + code) is None
+    assert sel._code("q", "c", "no code", "still none") is None
+    assert sel._code("q", "c", code, "print('hi') without a fence") == sel.REJECT
+    assert sel._code("q", "c", "explain it", "def f():\n    return 1") == sel.REJECT
+
+
+@pytest.mark.parametrize("question, kept", [
+    ("Can you plan my week?", True),
+    ("Plan a three-day trip to Rome.", True),  # the original's ' Plan' test missed this
+    ("I need a study planner and some plans.", True),
+    ("Make me a schedule for the week.", False),
+    ("Which planet is largest?", False),  # the original's ' plan' test matched this
+])
+def test_planning_rule(question, kept):
+    verdict = sel._planning(question, "planning", "o", "r")
+    assert verdict == (None if kept else sel.REJECT)
+    assert sel._planning(question, "open_qa", "o", "r") is None
+
+
+def test_default_category_and_leaked_marker_rules():
+    assert sel._default_category("q", "default", "o", "r") == sel.REJECT
+    assert sel._default_category("q", "open_qa", "o", "r") is None
+    assert sel._leaked_marker("q", "c", "o", "Revised response: the answer") == sel.REJECT
+    assert sel._leaked_marker("q", "c", "o", "**revised  Response**: x") == sel.REJECT
+    assert sel._leaked_marker("q", "c", "o", "The response was revised.") is None
+
+
+@pytest.mark.parametrize("original, rewrite, kept", [
+    ("So the speed is 72 km/h.", "Speed = 180 / 2.5 = 72 km/h.", True),
+    ("The total is 1,200 dollars.", "Total: 1200.", True),
+    ("x = 2.50", "x equals 2.5", True),
+    ("So the speed is 72 km/h.", "The speed is 172 km/h.", False),  # not as a substring
+    ("So the speed is 72 km/h.", "The speed is 7.2 km/h.", False),
+    ("First 3 then 12.", "The result is 3.", False),  # the last number counts
+    ("It is Paris.", "Paris, the capital.", True),  # no number: nothing to keep
+])
+def test_exam_result_rule(original, rewrite, kept):
+    assert sel._exam_result("q", "exam_problem_solving_tutor", original, rewrite) == (None if kept else sel.REJECT)
+    assert sel._exam_result("q", "open_qa", original, rewrite) is None
+
+
+@pytest.mark.parametrize("original, rewrite, kept", [
+    ("She sold 48 / 2 = 24 clips.\n#### 72", "Step 1: ...\nTotal: 72 clips\n#### 72", True),
+    ("...\n#### 1,000", "... #### 1000", True),
+    ("...\n#### 72", "...\n#### 73", False),
+    ("...\n#### 72", "The answer is 72.", True),  # no marker: the last number
+    ("...\n#### 72", "The answer is 72, not 70.", False),
+    ("... so $x = \\boxed{\\frac{1}{2}}$.", "Hence $\\boxed{ \\frac{1}{2} }$", True),
+    ("$\\boxed{\\frac{1}{2}}$", "$\\boxed{\\frac{1}{3}}$", False),
+    ("$\\boxed{3}$ then $\\boxed{\\sqrt{2}}$", "$\\boxed{\\sqrt{2}}$", True),  # the last box
+    ("$\\boxed{\\sqrt{2}}$", "the answer is sqrt 2", False),  # the box was lost
+    ("No final answer here, 5 apples.", "Five apples.", True),
+])
+def test_final_answer_rule(original, rewrite, kept):
+    assert sel.final_answer_kept(original, rewrite) is kept
+
+
+def test_boxed_answer_handles_nested_and_unbalanced_braces():
+    assert sel.boxed_answer("a \\boxed{x^{2}+\\frac{1}{2}} b") == "x^{2}+\\frac{1}{2}"
+    assert sel.boxed_answer("\\boxed{x^{2}") is None
+    assert sel.boxed_answer("nothing") is None
+
+
+def test_length_boundary_is_rejected_at_exactly_the_threshold():
+    original = " ".join(["w"] * 10)
+    assert judge(("length",), original, "a b c d e") == (False, "length")  # 5 <= 0.5 * 10
+    assert judge(("length",), original, "a b c d e f") == (True, None)  # 6 > 5
+    assert sel.is_too_short(10, 5, 0.5) and not sel.is_too_short(10, 6, 0.5)
+    assert sel.is_too_short(7, 3, 0.5) and not sel.is_too_short(7, 4, 0.5)
+
+
+# -- presets --------------------------------------------------------------------------------
+
+CODE = "```python\nprint('hi')\n```"
+
+
+@pytest.mark.parametrize("preset, original, rewrite, category, question, expected", [
+    ("open_platypus", "B", "The answer is B.", "open_qa", "Pick one.", (True, None)),
+    ("open_platypus", LONG, "Paris.", "open_qa", "Capital?", (False, "length")),
+    ("open_platypus", CODE + " " + LONG, LONG + " " + LONG, "open_qa", "Code?", (False, "code")),
+    ("open_platypus", "Speed is 72.", "The speed is 70 km per hour, more or less.",
+     "exam_problem_solving_tutor", "Speed?", (False, "exam_result")),
+    ("open_platypus", LONG, "Plan:\n" + LONG, "default", "Do it", (True, None)),
+    ("alpaca", "B", "The answer, as asked, is the letter D.", "open_qa", "Pick", (True, None)),
+    ("alpaca", "Speed is 72.", "The speed is 70 km per hour.", "exam_problem_solving_tutor", "?", (True, None)),
+    ("alpaca", LONG, "Paris.", "open_qa", "Capital?", (False, "length")),
+    ("no_robots", LONG, LONG + " Indeed.", "default", "q", (False, "default_category")),
+    ("no_robots", LONG, "Revised response: " + LONG, "open_qa", "q", (False, "leaked_marker")),
+    ("no_robots", LONG, LONG + " Indeed.", "planning", "Organize my week.", (False, "planning")),
+    ("no_robots", LONG, LONG + " Indeed.", "planning", "Plan my week.", (True, None)),
+    ("no_robots", LONG, "Paris.", "open_qa", "q", (False, "length")),
+    ("gsm8k", "2 + 2 = 4\n#### 4", "Four.", "math_puzzles", "q", (False, "final_answer")),
+    ("gsm8k", "2 + 2 = 4\n#### 4", "1. Add.\n#### 4", "math_puzzles", "q", (True, None)),
+    ("math", "$\\boxed{4}$", "So $\\boxed{4}$.", "math_puzzles", "q", (True, None)),
+    ("math", LONG, "Paris.", "open_qa", "q", (True, None)),  # no length rule
+    ("none", CODE, "Paris.", "default", "q", (True, None)),
+    ("none", LONG, LONG, "open_qa", "q", (False, "unchanged")),
+])
+def test_presets(preset, original, rewrite, category, question, expected):
+    assert judge(sel.PRESETS[preset], original, rewrite, question, category) == expected
+
+
+def test_presets_are_the_documented_rule_lists():
+    assert sel.PRESETS["open_platypus"] == ("single_letter", "true_false", "exam_result", "code", "length")
+    assert sel.PRESETS["alpaca"] == ("code", "length")
+    assert sel.PRESETS["no_robots"] == ("default_category", "leaked_marker", "planning", "code", "length")
+    for rules in sel.PRESETS.values():
+        assert "length" not in rules[:-1]  # the length rule, when present, comes last
+        assert set(rules) <= set(sel.TEXT_RULES) | {"length"}
+
+
+# -- main -----------------------------------------------------------------------------------
+
+def record(record_id, question, response, category="open_qa"):
+    return {"id": record_id, "items": [{"from": "human", "value": question, "category": category},
+                                       {"from": "gpt", "value": response}]}
+
+
+ORIGINALS = [
+    record(3, "Pick the right option.", "B", "general_classification"),
+    record("x-7", "What is the capital of France?", LONG),
+    record(10, "Write code that greets.", CODE),
+    record(11, "Tell me a story.", "Once upon a time there was a fox.", "story_generation"),
+    record(25, "Is the sky blue?", "True", "fact_verification"),
+]
+REWRITES = {
+    3: "The correct option is B, because ...",
+    "x-7": "Paris.",  # too short
+    10: "Just call print('hi').",  # the code was lost
+    11: "Once upon a time there was a fox.",  # passed through
+    25: "True. The sky looks blue because of Rayleigh scattering.",
+}
+
+
+def write(path, records):
+    path.write_text(json.dumps(records, indent=4), encoding="utf-8")
+    return str(path)
+
+
+def merged(records, rewrites):
+    out = json.loads(json.dumps(records))
+    for r in out:
+        r["items"][1]["value"] = rewrites[r["id"]]
+    return out
+
+
+def run(tmp_path, *extra, originals=ORIGINALS, merged_records=None):
+    original_path = write(tmp_path / "original.json", originals)
+    if merged_records is None:
+        merged_records = list(reversed(merged(originals, REWRITES)))  # another order: pairing is by id
+    merged_path = write(tmp_path / "merged.json", merged_records)
+    out = tmp_path / "final.json"
+    code = sel.main(["--input_original_data_path", original_path, "--input_rewrite_data_path", merged_path,
+                     "--output_path", str(out), *extra])
+    return code, out
+
+
+def test_main_tags_every_record_in_original_order_paired_by_id(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        code, out = run(tmp_path, "--keep_reasons")
+    assert code == 0
+    final = json.loads(out.read_text(encoding="utf-8"))
+    assert [(r["id"], r["tag"], r.get("reject_reason")) for r in final] == [
+        (3, "rewrite", None), ("x-7", "original", "length"), (10, "original", "code"),
+        (11, "original", "unchanged"), (25, "rewrite", None)]
+    assert final[0]["items"][1]["value"] == REWRITES[3]
+    assert final[1]["items"] == ORIGINALS[1]["items"]
+    assert ("#in: 5, #rewrite: 2, #original: 3 (rejected by unchanged: 1, single_letter: 0, exam_result: 0, "
+            "code: 1, length: 1; lengths in words)") in caplog.text
+    assert caplog.text.count("lengths are counted in words") == 1
+
+
+def test_main_without_keep_reasons_adds_only_the_tag(tmp_path):
+    code, out = run(tmp_path, "--rules", "none")
+    assert code == 0
+    final = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["tag"] for r in final] == ["rewrite", "rewrite", "rewrite", "original", "rewrite"]
+    assert all(set(r) == {"id", "items", "tag"} for r in final)
+
+
+def test_length_threshold_flag(tmp_path):
+    code, out = run(tmp_path, "--length_threshold", "0.05", "--rules", "alpaca")
+    assert code == 0
+    assert [r["tag"] for r in json.loads(out.read_text())][1] == "rewrite"  # 1 word > 0.05 * 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer(str(directory))
+    return str(directory)
+
+
+def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tokenizer_dir, caplog):
+    # 'zzzz...' is one word but many tokens of the tiny BPE: the unit decides the verdict.
+    originals = [record(1, "q", "zqzqzqzqzqzqzqzqzqzqzqzqzqzqzq"), record(2, "q", "one two three four")]
+    rewrites = {1: "zq zq", 2: "one, two, three and four"}
+    merged_records = merged(originals, rewrites)
+    with caplog.at_level(logging.INFO):
+        code, out = run(tmp_path, "--keep_reasons", "--tokenizer_path", tokenizer_dir,
+                        originals=originals, merged_records=merged_records)
+    assert code == 0
+    assert [r["tag"] for r in json.loads(out.read_text())] == ["original", "rewrite"]
+    assert "lengths in tokens" in caplog.text and "counted in words" not in caplog.text
+    code, out = run(tmp_path, originals=originals, merged_records=merged_records)
+    assert [r["tag"] for r in json.loads(out.read_text())] == ["rewrite", "rewrite"]  # 2 words > 0.5 * 1
+
+
+def test_batched_lengths_match_one_call_per_record(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    counter = sel.LengthCounter(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [LONG, "B", "", CODE, "zqzq " * 50]
+    assert counter(texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def test_select_records_over_many_batches_keeps_order_and_counts():
+    # Batches of 2: the lengths of one batch are counted while the next is judged.
+    originals = [record(i, "q", " ".join(["w"] * 10)) for i in range(7)]
+    rewrites = {i: " ".join(["v"] * (3 if i % 3 == 0 else 8)) for i in range(7)}
+    rewrites[5] = originals[5]["items"][1]["value"]
+    calls = []
+
+    def count(texts):
+        calls.append(len(texts))
+        return [len(text.split()) for text in texts]
+
+    stats = sel.Counter()
+    out = list(sel.select_records(iter(json.loads(json.dumps(originals))), dict(rewrites), ("length",), 0.5, count,
+                                  stats, True, "merged.json", batch_size=2))
+    assert [(r["id"], r["tag"], r.get("reject_reason")) for r in out] == [
+        (0, "original", "length"), (1, "rewrite", None), (2, "rewrite", None), (3, "original", "length"),
+        (4, "rewrite", None), (5, "original", "unchanged"), (6, "original", "length")]
+    assert [r["items"][1]["value"] for r in out] == [
+        originals[0]["items"][1]["value"], rewrites[1], rewrites[2], originals[3]["items"][1]["value"], rewrites[4],
+        originals[5]["items"][1]["value"], originals[6]["items"][1]["value"]]
+    assert calls == [4, 4, 2, 2]  # originals + rewrites per batch; the unchanged record is not counted
+    assert (stats["in"], stats["rewrite"], stats["length"], stats["unchanged"]) == (7, 3, 3, 1)
+
+
+def test_merged_file_lacking_an_id_is_bad_input(tmp_path, capsys):
+    out = tmp_path / "final.json"
+    out.write_text("old content")
+    code, _ = run(tmp_path, merged_records=merged(ORIGINALS, REWRITES)[:-1])
+    assert code == 2
+    assert "merged.json: no record with id 25 (record 4 of the original file)" in capsys.readouterr().err
+    assert out.read_text() == "old content"
+
+
+def test_merged_file_with_an_extra_id_is_bad_input(tmp_path, capsys):
+    extra = merged(ORIGINALS, REWRITES) + [record(99, "q", "r")]
+    code, out = run(tmp_path, merged_records=extra)
+    assert code == 2
+    assert "merged.json: 1 record(s) whose id is not in the original file (ids 99)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_malformed_original_record_names_file_id_and_field(tmp_path, capsys):
+    originals = ORIGINALS[:2] + [{"id": 10, "items": [{"from": "human", "value": "q"}, {"from": "gpt"}]}]
+    code, out = run(tmp_path, originals=originals, merged_records=merged(ORIGINALS[:2], REWRITES))
+    assert code == 2
+    assert "original.json: record 2 (id 10): field 'items[1].value' must be a string" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_flags_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        sel.parse_args(["--input_original_data_path", "a", "--input_rewrite_data_path", "b", "--output_path", "c",
+                        "--length_threshold", "-1"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        sel.parse_args(["--input_original_data_path", "a", "--input_rewrite_data_path", "b", "--output_path", "c",
+                        "--rules", "platypus"])
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys\n"
+            "import rewrite_data_selection\n"
+            "assert not {'torch', 'transformers', 'vllm', 'openai'} & set(sys.modules)\n"
+            "rewrite_data_selection.parse_args(['--help'])")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--rules" in result.stdout and "--keep_reasons" in result.stdout
