@@ -1,0 +1,510 @@
+"""reformat.py: requests, parsing, choice of candidate, failures, chunking and resume, against a fake server."""
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fake_servers import MALFORMED_REPLY, FakeOpenAIServer
+
+import constant
+import reformat
+from realign import chunk_bounds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "datasets", "examples", "realign_examples.json")
+KEY = "sk-test-5ecret-key-0042"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                 "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from tiny_model import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(str(path))
+    return str(path)
+
+
+def record(record_id, category="open_qa", question=None, response="Paris is the capital of France.", **human):
+    question = question or f"Question number {record_id}?"
+    return {"id": record_id, "items": [{"from": "human", "value": question, "category": category, **human},
+                                       {"from": "gpt", "value": response}]}
+
+
+def examples():
+    with open(EXAMPLES, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run(tmp_path, server, records, *extra, batch="0_of_1"):
+    """Write ``records``, run main against ``server``; return (exit status, batch lines)."""
+    input_path = tmp_path / "input.json"
+    if not input_path.exists():
+        input_path.write_text(json.dumps(records), encoding="utf-8")
+    status = reformat.main(["--input_data_path", str(input_path), "--output_directory", str(tmp_path / "out"),
+                            "--base_url", server.url, *extra])
+    return status, read_batch(tmp_path / "out" / f"rewrite_data_{batch}_batch.jsonl")
+
+
+def read_batch(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def by_id(lines):
+    ids = [line["id"] for line in lines]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {line["id"]: line for line in lines}
+
+
+def error_lines(err):
+    """The lines of stderr that report an error (log lines and the progress bar share stderr)."""
+    return [line for line in err.splitlines() if line.startswith("reformat: error:")]
+
+
+def user_text(request):
+    return request.body["messages"][-1]["content"]
+
+
+def reply(revised, reason="The format fits."):
+    return f"Reasoning: {reason}\nRevised response: {revised}"
+
+
+# -- pure functions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, reason, revised", [
+    ("Reasoning: fits.\nRevised response: The answer.", "fits.", "The answer."),
+    ("reasoning: fits\nrevised response: The answer.", "fits", "The answer."),
+    ("**Reasoning:** fits\n**Revised response:** **Answer**\n\nText", "fits", "**Answer**\n\nText"),
+    ("**Reasoning**: fits\n**Revised Response**:\n1. one\n2. two", "fits", "1. one\n2. two"),
+    ("### Reasoning:\nfits\n### REVISED RESPONSE:\nDone.", "fits", "Done."),
+    ("__Revised response:__ Done.", "", "Done."),
+    ("Some thoughts first.\nRevised response: Done.", "Some thoughts first.", "Done."),
+    ("Reasoning: a\nRevised response: first\nRevised response: second", "a", "first\nRevised response: second"),
+    ("Reasoning: fits\nRevised response: **Bold** start", "fits", "**Bold** start"),
+])
+def test_parse_revised_response_accepts_case_and_markdown(text, reason, revised):
+    assert reformat.parse_revised_response(text) == {"reason": reason, "revised_response": revised}
+
+
+@pytest.mark.parametrize("text", [MALFORMED_REPLY, "", None, "Reasoning: fits\nRevised response:   \n",
+                                  "Reasoning: fits. Revised: x"])
+def test_parse_revised_response_rejects_replies_without_a_response(text):
+    assert reformat.parse_revised_response(text) is None
+
+
+def test_usable_candidates_drop_cut_off_and_unparsed_ones():
+    candidates, problems = reformat.usable_candidates([
+        (reply("kept"), "stop"), (reply("cut off but parses"), "length"), (MALFORMED_REPLY, "stop"), (None, None)])
+    assert candidates == [{"reason": "The format fits.", "revised_response": "kept"}]
+    assert problems == {"cut off at --target_length": 1, "no 'Revised response:'": 2}
+
+
+def test_longest_keeps_the_first_on_a_tie():
+    assert reformat.longest([3, 7, 7, 2]) == 1
+    assert reformat.longest([5, 5]) == 0
+    assert reformat.longest([1]) == 0
+
+
+def test_messages_carry_the_format_and_evidence_only_when_there_is_some():
+    plain = reformat.build_rewrite_messages(record(1, "fact_verification"))
+    assert plain[0] == {"role": "system", "content": constant.REFORMAT_PROMPTS["adaptive"]["plain"]["system"].strip()}
+    assert constant.STRUCTURE["fact_verification"].strip() in plain[1]["content"]
+    assert "Paris is the capital of France." in plain[1]["content"] and "Question number 1?" in plain[1]["content"]
+    assert "[Evidence start]" not in plain[1]["content"]
+
+    with_evidence = record(2, "open_qa", evidence=["First fact.", "Second fact."])
+    messages = reformat.build_rewrite_messages(with_evidence)
+    assert messages[0]["content"] == constant.REFORMAT_PROMPTS["adaptive"]["evidence"]["system"].strip()
+    assert "[Evidence start]\n1. First fact.\n\n2. Second fact.\n[Evidence end]" in messages[1]["content"]
+    assert "[Evidence start]" not in reformat.build_rewrite_messages(with_evidence, use_evidence=False)[1]["content"]
+    assert "[Evidence start]" not in reformat.build_rewrite_messages(record(3, evidence=[]))[1]["content"]
+
+    forced = reformat.build_rewrite_messages(with_evidence, adaptive=False)
+    assert forced[0]["content"] == constant.REFORMAT_PROMPTS["forced"]["evidence"]["system"].strip()
+    assert forced[0]["content"] != messages[0]["content"]
+
+
+def test_skip_reasons():
+    assert reformat.skip_reason(record(1, "open_qa")) is None
+    assert "not reformatted" in reformat.skip_reason(record(1, "story_generation"))
+    assert "not reformatted" in reformat.skip_reason(record(1, "default"))
+    assert reformat.skip_reason(record(1, "mystery_task")) == "unknown category 'mystery_task'"
+    multi = record(1)
+    multi["items"] += [{"from": "human", "value": "And?"}, {"from": "gpt", "value": "More."}]
+    assert reformat.skip_reason(multi).startswith("multi-turn record (4 items)")
+
+
+@pytest.mark.parametrize("n, parts", [(57, 10), (10, 3), (3, 5), (0, 2), (1000, 7), (11, 11)])
+def test_chunk_bounds_follow_the_spec_formula(n, parts):
+    k, m = divmod(n, parts)  # SPEC section 4
+    expected = [(i * k + min(i, m), (i + 1) * k + min(i + 1, m)) for i in range(parts)]
+    assert [chunk_bounds(n, parts, i) for i in range(parts)] == expected
+    items = list(range(n))
+    assert list(itertools.chain.from_iterable(items[a:b] for a, b in expected)) == items
+
+
+# -- end to end against the fake server ------------------------------------------------
+
+
+def test_seed_readme_command_works_and_the_key_is_never_shown(tmp_path, fake_openai, tiny_tokenizer_dir,
+                                                               monkeypatch, caplog, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.url)
+    fake_openai.expected_key = KEY
+    few_words_many_tokens = "Zqxjvkw" * 12  # one word, dozens of tokens of the tiny tokenizer
+    fake_openai.chat_responder = lambda body, i: reply(["a b c d e", few_words_many_tokens][i])
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        status = reformat.main([
+            "--input_data_path", EXAMPLES, "--output_directory", str(out), "--tokenizer_path", tiny_tokenizer_dir,
+            "--dataset_batch_id", "0", "--dataset_batch_num", "10", "--openai_key", KEY, "--top_k", "2",
+            "--model", "gpt-3.5-turbo-1106", "--temperature", "0.3", "--top_p", "1", "--target_length", "4096"])
+    assert status == 0
+    chunk = examples()[slice(*chunk_bounds(57, 10, 0))]
+    lines = read_batch(out / "rewrite_data_0_of_10_batch.jsonl")
+    assert sorted(by_id(lines)) == sorted(r["id"] for r in chunk)  # passthroughs first, then as finished
+    rewritten = [line for line in lines if line["items"][1]["revised_response_list"]]
+    assert rewritten, "no record of chunk 0 was rewritten"
+    for line in rewritten:  # the tokenizer, not a word count, chose the longer candidate
+        assert line["items"][1]["revised_response"]["revised_response"] == few_words_many_tokens
+    body = fake_openai.requests[0].body
+    assert (body["model"], body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (
+        "gpt-3.5-turbo-1106", 2, 0.3, 1.0, 4096)
+    assert fake_openai.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+    captured = capsys.readouterr()
+    shown = caplog.text + captured.out + captured.err + (out / "rewrite_data_0_of_10_batch.jsonl").read_text()
+    assert KEY not in shown
+    assert "prefer the environment variable OPENAI_API_KEY" in caplog.text
+    assert f"rewritten: {len(rewritten)}, passed through: {len(lines) - len(rewritten)}, failed: 0" in caplog.text
+
+
+def test_every_task_an_unknown_category_and_a_multi_turn_record_go_through(tmp_path, fake_openai, caplog):
+    records = examples() + [record("odd-1", "mystery_task")]
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, records, "--concurrency", "8")
+    assert status == 0
+    lines = by_id(lines)
+    assert set(lines) == {r["id"] for r in records}
+    assert {r["items"][0]["category"] for r in records} >= set(constant.TASK_DESCRIPTION)
+    for original in records:
+        line = lines[original["id"]]
+        gpt = line["items"][1]
+        assert gpt["value"] == original["items"][1]["value"]
+        assert line["items"][0] == original["items"][0] and line["items"][2:] == original["items"][2:]
+        assert set(gpt["revised_response"]) == {"reason", "revised_response"}
+        if len(original["items"]) == 2 and original["items"][0]["category"] in constant.REWRITE_TASK:
+            assert len(gpt["revised_response_list"]) == 2
+            assert gpt["revised_response"]["revised_response"] == "**Answer**\n\n" + gpt["value"]
+        else:
+            assert gpt["revised_response_list"] == []
+            assert gpt["revised_response"]["revised_response"] == gpt["value"]
+    assert lines["odd-1"]["items"][1]["revised_response"]["reason"] == "unknown category 'mystery_task'"
+    assert "unknown categories: 'mystery_task' (1)" in caplog.text
+    rewrite_count = sum(len(r["items"]) == 2 and r["items"][0]["category"] in constant.REWRITE_TASK for r in records)
+    assert fake_openai.request_count == rewrite_count
+    assert f"rewritten: {rewrite_count}, passed through: {len(records) - rewrite_count}, failed: 0" in caplog.text
+
+
+def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
+    records = [record(1, "open_qa", question="With evidence?", evidence=["Fact one.", "Fact two."]),
+               record(2, "open_qa", question="Without evidence?"),
+               record(3, "email_generation", question="Write an email?")]
+    status, _ = run(tmp_path, fake_openai, records)
+    assert status == 0
+    sent = {user_text(r).split("\n")[1]: r.body for r in fake_openai.requests}
+    assert "1. Fact one.\n\n2. Fact two." in sent["With evidence?"]["messages"][1]["content"]
+    assert "[Evidence start]" not in sent["Without evidence?"]["messages"][1]["content"]
+    assert constant.STRUCTURE["email_generation"].strip() in sent["Write an email?"]["messages"][1]["content"]
+    assert constant.STRUCTURE["open_qa"].strip() in sent["Without evidence?"]["messages"][1]["content"]
+    assert sent["With evidence?"]["messages"][0]["content"] == \
+        constant.REFORMAT_PROMPTS["adaptive"]["evidence"]["system"].strip()
+
+    fake_openai.requests.clear()
+    (tmp_path / "forced").mkdir()
+    status, _ = run(tmp_path / "forced", fake_openai, records, "--no-adaptive", "--no-is_retrieval")
+    assert status == 0
+    assert len(fake_openai.requests) == 3
+    for request in fake_openai.requests:
+        assert request.body["messages"][0]["content"] == constant.REFORMAT_PROMPTS["forced"]["plain"]["system"].strip()
+        assert "[Evidence start]" not in user_text(request)
+
+
+def test_the_longest_usable_candidate_is_kept(tmp_path, fake_openai):
+    def responder(body, i):
+        question = user_text_of(body)
+        if "tie" in question:
+            return reply(["same length one", "same length two"][i])
+        if "malformed" in question:
+            return [MALFORMED_REPLY, reply("the good one")][i]
+        if "truncated" in question:
+            return [reply("short but complete"), {"content": reply("much longer but cut off at the limit"),
+                                                   "finish_reason": "length"}][i]
+        return reply(["short", "a much longer candidate"][i])
+
+    fake_openai.chat_responder = responder
+    records = [record(1, question="longest?"), record(2, question="tie?"), record(3, question="malformed?"),
+               record(4, question="truncated?")]
+    status, lines = run(tmp_path, fake_openai, records, "--top_k", "2")
+    assert status == 0
+    chosen = {i: line["items"][1]["revised_response"]["revised_response"] for i, line in by_id(lines).items()}
+    assert chosen == {1: "a much longer candidate", 2: "same length one", 3: "the good one", 4: "short but complete"}
+    listed = {i: len(line["items"][1]["revised_response_list"]) for i, line in by_id(lines).items()}
+    assert listed == {1: 2, 2: 2, 3: 1, 4: 1}
+    assert fake_openai.request_count == 4  # one good candidate is enough: no re-ask
+
+
+def user_text_of(body):
+    return body["messages"][-1]["content"]
+
+
+def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fake_openai, caplog):
+    fake_openai.add_fault(kind="truncated", match=lambda body: "Cut?" in user_text_of(body))
+    fake_openai.add_fault(kind="malformed", times=None, match=lambda body: "Bad?" in user_text_of(body))
+    records = [record(1, question="Cut?"), record(2, question="Bad?"), record(3, question="Fine?")]
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, records, "--max_parse_retries", "2")
+    assert status == 1
+    lines = by_id(lines)
+    assert "status" not in lines[1] and lines[1]["items"][1]["revised_response_list"]
+    bad = lines[2]
+    assert bad["status"] == "failed"
+    assert bad["error"] == "no usable candidate in 3 requests (6 no 'Revised response:')"
+    assert bad["items"][1]["revised_response"] == {"reason": f"not rewritten: {bad['error']}",
+                                                   "revised_response": records[1]["items"][1]["value"]}
+    assert bad["items"][1]["revised_response_list"] == []
+    assert bad["items"][1]["value"] == records[1]["items"][1]["value"]
+    assert sum("Bad?" in user_text(r) for r in fake_openai.requests) == 3
+    assert fake_openai.request_count == 2 + 3 + 1
+    assert "failed: 1" in caplog.text and "--retry_failed" in caplog.text
+
+    # A plain rerun asks nothing and still says that the file holds a failure.
+    fake_openai.requests.clear()
+    status, again = run(tmp_path, fake_openai, records)
+    assert status == 1 and fake_openai.request_count == 0 and again == list(lines.values())
+
+    # --retry_failed asks again for exactly the failed record.
+    fake_openai._faults.clear()
+    status, retried = run(tmp_path, fake_openai, records, "--retry_failed")
+    assert status == 0
+    assert [("Bad?" in user_text(r)) for r in fake_openai.requests] == [True]
+    retried = by_id(retried)
+    assert set(retried) == {1, 2, 3} and not any("status" in line for line in retried.values())
+    assert retried[1] == lines[1] and retried[3] == lines[3]
+
+
+def test_transient_errors_are_retried_honouring_retry_after(tmp_path, fake_openai, caplog):
+    fake_openai.add_fault(429, retry_after=0)
+    fake_openai.add_fault(500)  # no Retry-After: exponential backoff (0.5-1 s)
+    fake_openai.add_fault(503, retry_after=0)
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, [record(1)], "--max_retries", "3")
+    assert status == 0
+    assert lines[0]["items"][1]["revised_response"]["revised_response"].startswith("**Answer**")
+    assert fake_openai.request_count == 4
+    assert "requests: 4, retries: 3" in caplog.text
+
+
+def test_transient_errors_past_the_bound_fail_the_record(tmp_path, fake_openai):
+    fake_openai.add_fault(503, retry_after=0, times=None, match=lambda body: "Down?" in user_text_of(body))
+    status, lines = run(tmp_path, fake_openai, [record(1, question="Down?"), record(2)], "--max_retries", "2")
+    assert status == 1
+    lines = by_id(lines)
+    assert lines[1]["status"] == "failed" and lines[1]["error"] == "id 1 failed after 3 attempts: HTTP 503"
+    assert "status" not in lines[2]
+
+
+def test_a_refused_key_stops_the_run_at_once(tmp_path, fake_openai, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-but-secret-9999")
+    fake_openai.expected_key = KEY
+    records = [record(i) for i in range(30)] + [record(99, "story_generation")]
+    status, lines = run(tmp_path, fake_openai, records, "--concurrency", "4")
+    assert status == 1
+    err = capsys.readouterr().err
+    refused = "reformat: error: the API server refused the credentials (HTTP 401); check OPENAI_API_KEY"
+    assert error_lines(err) == [refused]
+    assert "sk-wrong-but-secret-9999" not in err
+    assert fake_openai.request_count <= 4  # the requests already in flight, no more
+    assert [line["id"] for line in lines] == [99]  # the passthrough; nothing failed for a bad key
+
+
+def test_an_unknown_model_stops_the_run(tmp_path, fake_openai, capsys):
+    fake_openai.known_models = {"gpt-4o"}
+    status, lines = run(tmp_path, fake_openai, [record(i) for i in range(5)], "--concurrency", "1")
+    assert status == 1 and lines == []
+    (error,) = error_lines(capsys.readouterr().err)
+    assert "HTTP 404" in error and "gpt-3.5-turbo-1106" in error and "--model" in error
+    assert fake_openai.request_count == 1
+
+
+def test_http_400_on_every_request_stops_the_run(tmp_path, fake_openai, capsys):
+    fake_openai.add_fault(400, times=None)
+    status, lines = run(tmp_path, fake_openai, [record(i) for i in range(40)], "--concurrency", "4")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "the first 8 requests were all refused (HTTP 400" in err
+    assert reformat.REJECTION_LIMIT <= fake_openai.request_count <= reformat.REJECTION_LIMIT + 4
+    assert lines == []  # the refused records were held back, so a rerun with fixed settings asks them
+
+
+def test_http_400_on_one_record_fails_only_that_record(tmp_path, fake_openai):
+    fake_openai.add_fault(400, match=lambda body: "Too long?" in user_text_of(body))
+    records = [record(1, question="Too long?")] + [record(i) for i in range(2, 6)]
+    status, lines = run(tmp_path, fake_openai, records, "--concurrency", "1")
+    assert status == 1
+    lines = by_id(lines)
+    assert set(lines) == {1, 2, 3, 4, 5}
+    assert lines[1]["status"] == "failed" and lines[1]["error"].startswith("HTTP 400")
+    assert all("status" not in lines[i] for i in range(2, 6))
+
+
+def test_chunks_of_a_run_cover_the_input_once(tmp_path, fake_openai):
+    records = examples()
+    for batch_id in range(4):
+        status = reformat.main(["--input_data_path", EXAMPLES, "--output_directory", str(tmp_path),
+                                "--base_url", fake_openai.url, "--dataset_batch_id", str(batch_id),
+                                "--dataset_batch_num", "4", "--concurrency", "8"])
+        assert status == 0
+        start, end = chunk_bounds(len(records), 4, batch_id)
+        lines = read_batch(tmp_path / f"rewrite_data_{batch_id}_of_4_batch.jsonl")
+        assert sorted(map(str, by_id(lines))) == sorted(str(r["id"]) for r in records[start:end])
+
+
+def test_slurm_array_variables_pick_the_chunk(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    records = [record(i) for i in range(10)]
+    status, lines = run(tmp_path, fake_openai, records, batch="2_of_3")
+    assert status == 0
+    assert sorted(by_id(lines)) == [7, 8, 9]
+    assert os.listdir(tmp_path / "out") == ["rewrite_data_2_of_3_batch.jsonl"]
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")  # --array=1-5:2 -> task ids 1, 3, 5 -> chunks 0, 1, 2
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    assert reformat.parse_args(["--input_data_path", "x", "--output_directory", "y"]).dataset_batch_id == 2
+    assert reformat.parse_args(["--input_data_path", "x", "--output_directory", "y",
+                                "--dataset_batch_id", "0"]).dataset_batch_id == 0  # the flag wins
+
+
+def test_resume_never_asks_again_for_a_finished_id(tmp_path, fake_openai):
+    records = [record(i * 3 + 1) for i in range(30)]
+    status, first = run(tmp_path, fake_openai, records, "--concurrency", "4")
+    assert status == 0
+    path = tmp_path / "out" / "rewrite_data_0_of_1_batch.jsonl"
+    kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:12]
+    torn = json.dumps(first[12])[:40]  # a kill in the middle of a line
+    path.write_text("".join(kept) + torn, encoding="utf-8")
+    done = {json.loads(line)["id"] for line in kept}
+
+    fake_openai.requests.clear()
+    status, second = run(tmp_path, fake_openai, records, "--concurrency", "4")
+    assert status == 0
+    asked = {int(user_text(r).split("\n")[1].split()[-1].rstrip("?")) for r in fake_openai.requests}
+    assert asked == {r["id"] for r in records} - done
+    assert fake_openai.request_count == len(asked)
+    assert set(by_id(second)) == {r["id"] for r in records}
+
+
+def test_sigterm_leaves_whole_lines_and_a_rerun_finishes(tmp_path):
+    records = [record(i) for i in range(40)]
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "out"
+    batch = out / "rewrite_data_0_of_1_batch.jsonl"
+    with FakeOpenAIServer(latency=0.3) as server:
+        command = [sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", str(input_path),
+                   "--output_directory", str(out), "--base_url", server.url, "--concurrency", "4"]
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "OPENAI_API_KEY": KEY})
+        deadline = time.monotonic() + 30
+        while len(read_batch(batch)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err
+        assert "interrupted; progress so far is saved" in err
+        first = read_batch(batch)  # every line parses
+        assert 6 <= len(first) < 40
+        first_requests = server.request_count
+
+        status = reformat.main(["--input_data_path", str(input_path), "--output_directory", str(out),
+                                "--base_url", server.url, "--concurrency", "8"])
+        assert status == 0
+        assert set(by_id(read_batch(batch))) == set(range(40))
+        assert server.request_count - first_requests == 40 - len(first)  # finished ids are not asked again
+        assert first_requests - len(first) <= 4  # only the requests in flight were lost
+        assert server.max_in_flight >= 4  # requests really run concurrently
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"id": 7, "items": [{"from": "human", "value": "Q", "category": "open_qa"}]},
+     "record 1 (id 7): field 'items[1]' is missing"),
+    (record(8, evidence="not a list"), "record 1 (id 8): field 'items[0].evidence' must be a list of strings"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_openai, capsys, bad, message):
+    status, _ = run(tmp_path, fake_openai, [record(1), bad])
+    assert status == 2
+    err = capsys.readouterr().err
+    (error,) = error_lines(err)
+    assert err.endswith(error + "\n") and message in error and "input.json" in error
+    assert not (tmp_path / "out").exists()
+    assert fake_openai.request_count == 0
+
+
+def test_no_key_for_openai_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps([record(1)]), encoding="utf-8")
+    status = reformat.main(["--input_data_path", str(input_path), "--output_directory", str(tmp_path / "out")])
+    assert status == 2
+    (error,) = error_lines(capsys.readouterr().err)
+    assert error.startswith("reformat: error: OPENAI_API_KEY is not set: export your API key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_file_from_another_chunking_is_refused(tmp_path, fake_openai, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rewrite_data_0_of_1_batch.jsonl").write_text(json.dumps(record(999)) + "\n", encoding="utf-8")
+    status, lines = run(tmp_path, fake_openai, [record(1)])
+    assert status == 2
+    assert "holds 1 lines whose id is not in this chunk (first: 999)" in capsys.readouterr().err
+    assert [line["id"] for line in lines] == [999]
+
+
+def test_batch_id_outside_the_range_is_a_usage_error(tmp_path, fake_openai, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, fake_openai, [record(1)], "--dataset_batch_id", "3", "--dataset_batch_num", "3")
+    assert exit_info.value.code == 2
+    assert "--dataset_batch_id must be in 0..2" in capsys.readouterr().err
+
+
+def test_help_is_instant_and_imports_no_sdk():
+    done = subprocess.run([sys.executable, "reformat.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0 and "--concurrency" in done.stdout and "OPENAI_API_KEY" in done.stdout
+    probe = "import sys, reformat; print(sorted(m for m in ('openai', 'transformers', 'torch') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.stdout.strip() == "[]"
