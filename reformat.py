@@ -57,6 +57,9 @@ from realign import (
     exits_cleanly,
     iter_progress,
     load_records,
+    non_negative_int,
+    positive_float,
+    positive_int,
     setup_logging,
 )
 from realign.llm import (
@@ -444,25 +447,6 @@ def sigterm_as_interrupt():
 # -- command line --------------------------------------------------------------------
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
 
 
 def parse_args(argv=None):

@@ -39,6 +39,9 @@ from realign import (
     exits_cleanly,
     iter_progress,
     load_records,
+    non_negative_int,
+    positive_float,
+    positive_int,
     setup_logging,
     write_json_atomic,
 )
@@ -222,25 +225,6 @@ def run_searches(pending, args, api_key, progress_path, stats):
 # -- command line --------------------------------------------------------------------
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
 
 
 def parse_args(argv=None):

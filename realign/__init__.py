@@ -4,7 +4,7 @@ Policy lives in the top-level scripts; task data lives in ``constant.py``.
 """
 
 from realign.checks import ConfigError, check_constants
-from realign.cli import FatalError, exits_cleanly, setup_logging
+from realign.cli import FatalError, exits_cleanly, non_negative_int, positive_float, positive_int, setup_logging
 from realign.lengths import LengthCounter, count_words
 from realign.records import (
     InputError,
@@ -38,7 +38,10 @@ __all__ = [
     "iter_progress",
     "iter_records",
     "load_records",
+    "non_negative_int",
     "parse_retry_after",
+    "positive_float",
+    "positive_int",
     "read_done_ids",
     "read_json_or_jsonl",
     "read_progress",

@@ -1,5 +1,6 @@
 """What every script does around its work: logging set-up and turning errors into exit codes."""
 
+import argparse
 import functools
 import logging
 import os
@@ -21,7 +22,7 @@ class TqdmHandler(logging.StreamHandler):
             from tqdm import tqdm
 
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
 
@@ -62,3 +63,27 @@ def exits_cleanly(main):
             return 130
 
     return wrapper
+
+
+# argparse types: a bad value is a usage error naming the flag, not a crash later.
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value

@@ -117,7 +117,7 @@ async def call_with_retries(send, max_retries, stats=None, what="request"):
             stats["requests"] = stats.get("requests", 0) + 1
         try:
             return await send()
-        except Exception as error:  # noqa: BLE001 - classified below
+        except Exception as error:
             transient, retry_after, description = classify_error(error)
             if not transient:  # pragma: no cover - classify_error raises for these
                 raise

@@ -236,7 +236,7 @@ def iter_json_values(path, chunk_size=1 << 20):
     too big to hold twice in memory: only one element and one chunk are held at once.
     """
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except OSError as e:
@@ -322,7 +322,7 @@ class ProgressWriter:
         self.fsync = fsync
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        self._file = open(path, "a+b")
+        self._file = open(path, "a+b")  # noqa: SIM115 - kept open until close()
         self._drop_torn_tail()
 
     def _drop_torn_tail(self):

@@ -14,18 +14,7 @@ from realign import ConfigError, check_constants
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The 46 names in SPEC §6 order, typed out here independently of constant.py.
-SPEC_TASKS = """
-question_generation story_generation poem_generation email_generation data_generation
-advice_giving recommendations how_to_generation planning instructional_rewriting
-language_polishing paraphrasing text_correction code_correction code_simplification
-information_extraction keywords_extraction table_extraction title_generation
-text_summarization note_summarization explain_code explain_answer text_to_text_translation
-text_to_code_translation code_to_code_translation code_to_text_translation open_qa closed_qa
-fill_in_the_blank fact_verification math_puzzles language_learning_questions
-natural_language_learning_tutor exam_problem_solving_tutor ml_ai_language_model_tutor
-general_classification ordering sentiment_analysis code_language_classification
-language_classification topic_classification value_judgement rejecting roleplay default
-""".split()
+SPEC_TASKS = ["question_generation", "story_generation", "poem_generation", "email_generation", "data_generation", "advice_giving", "recommendations", "how_to_generation", "planning", "instructional_rewriting", "language_polishing", "paraphrasing", "text_correction", "code_correction", "code_simplification", "information_extraction", "keywords_extraction", "table_extraction", "title_generation", "text_summarization", "note_summarization", "explain_code", "explain_answer", "text_to_text_translation", "text_to_code_translation", "code_to_code_translation", "code_to_text_translation", "open_qa", "closed_qa", "fill_in_the_blank", "fact_verification", "math_puzzles", "language_learning_questions", "natural_language_learning_tutor", "exam_problem_solving_tutor", "ml_ai_language_model_tutor", "general_classification", "ordering", "sentiment_analysis", "code_language_classification", "language_classification", "topic_classification", "value_judgement", "rejecting", "roleplay", "default"]
 
 SPEC_RAG = ["recommendations", "how_to_generation", "explain_answer", "open_qa", "fact_verification"]
 SPEC_NOT_REWRITTEN = [
@@ -44,10 +33,12 @@ def expected_classifier_prompt():
         *SPEC_TASKS,
         "[Existing tasks end]",
         "",
-        "You objective is to choose the most appropriate task that can reflect the high-level intention "
-        "of this query. You should first clearly give out your choice. Your choice should exactly match "
-        "one of the task names provided above, without any modification. Do not include the task "
-        "description in your choice.",
+        (
+            "You objective is to choose the most appropriate task that can reflect the high-level intention "
+            "of this query. You should first clearly give out your choice. Your choice should exactly match "
+            "one of the task names provided above, without any modification. Do not include the task "
+            "description in your choice."
+        ),
         "",
         "Your output should be just the task name.",
         "",
@@ -150,3 +141,16 @@ def test_import_is_fast_and_has_no_side_effects(tmp_path):
     assert float(result.stdout) < 0.5
     assert result.stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_edit_stops_a_script_at_start_up(tmp_path, monkeypatch, capsys):
+    import reformat
+
+    monkeypatch.setattr(constant, "REWRITE_TASK", [*constant.REWRITE_TASK, "story_generation"])
+    out = tmp_path / "out"
+    code = reformat.main(["--input_data_path", str(tmp_path / "never_read.json"), "--output_directory", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "constant.py: REWRITE_TASK names task 'story_generation', which has no STRUCTURE entry" in err
+    assert "Traceback" not in err
+    assert not out.exists()

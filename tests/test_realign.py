@@ -1,5 +1,6 @@
 """The helper package: record validation, atomic writes, progress files, exit codes, retries."""
 
+import itertools
 import json
 import logging
 import os
@@ -174,7 +175,7 @@ def test_retry_delay_honours_retry_after_and_backs_off():
 def test_chunks_cover_every_record_once_earlier_chunks_larger(n, parts):
     bounds = [chunk_bounds(n, parts, i) for i in range(parts)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = [end - start for start, end in bounds]
     assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
 

@@ -1,0 +1,216 @@
+"""run_pipeline.py end to end: every stage as a real child process, against the fake
+OpenAI-compatible server, the fake Serper and the tiny classifier under real vLLM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import constant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "datasets", "examples", "realign_examples.json")
+REWRITE_HEADING = "**Answer**"  # the fake server's rewrites start with it
+
+
+def load_examples():
+    with open(EXAMPLES, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+    return str(path)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def pipeline_env(fake_openai, fake_serper=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SERPER_API_KEY")}
+    env.update(OPENAI_API_KEY="sk-test-e2e-secret", OPENAI_BASE_URL=fake_openai.url, PYTHONUNBUFFERED="1")
+    if fake_serper is not None:
+        env["SERPER_API_KEY"] = fake_serper.api_key
+        env["REALIGN_TEST_SEARCH_URL"] = fake_serper.search_url
+    return env
+
+
+def pipeline_command(input_path, out_dir, env, *extra):
+    command = [sys.executable, os.path.join(ROOT, "run_pipeline.py"), "--input_data_path", input_path,
+               "--output_directory", str(out_dir), "--num_processes", "3", "--keep_reasons", *extra]
+    if "REALIGN_TEST_SEARCH_URL" in env:
+        command += ["--search_url", env["REALIGN_TEST_SEARCH_URL"]]
+    return command
+
+
+def run_pipeline(input_path, out_dir, env, *extra, timeout=300):
+    return subprocess.run(pipeline_command(input_path, out_dir, env, *extra), env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def expected_tag(record):
+    single_turn = len(record["items"]) == 2
+    return "rewrite" if single_turn and record["items"][0]["category"] in constant.REWRITE_TASK else "original"
+
+
+def user_messages(server):
+    """The user message of every chat request the server got."""
+    return [r.body["messages"][-1]["content"] for r in server.requests if r.path.endswith("/chat/completions")]
+
+
+def requests_for(messages, question):
+    return [m for m in messages if question in m]
+
+
+def check_final(final, input_records):
+    assert [r["id"] for r in final] == [r["id"] for r in input_records]  # each id once, input order
+    for record in final:
+        assert record["tag"] == expected_tag(record), record["id"]
+        rewritten = record["items"][1]["value"].startswith(REWRITE_HEADING)
+        assert rewritten == (record["tag"] == "rewrite"), record["id"]
+
+
+def test_whole_pipeline_with_vllm_classifier_serper_and_three_processes(tmp_path, fake_openai, fake_serper,
+                                                                         tiny_model_dir):
+    records = load_examples()
+    # Half the records lose their category, so stage 1 runs; the other half keep theirs.
+    for index, record in enumerate(records):
+        if index % 2:
+            del record["items"][0]["category"]
+    input_path = write_json(tmp_path / "input.json", records)
+    out = tmp_path / "out"
+
+    result = run_pipeline(input_path, out, pipeline_env(fake_openai, fake_serper),
+                          "--classifier_model", tiny_model_dir,
+                          "--classify_args", "--dtype float32 --enforce_eager --max_model_len 2048",
+                          "--concurrency", "4", "--tokenizer_path", tiny_model_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("classify", "retrieval", "reformat_0", "reformat_1", "reformat_2", "merge", "filter"):
+        assert (out / "logs" / f"{stage}.log").exists(), stage
+
+    final = read_json(out / "final.json")
+    check_final(final, records)
+    # The records that kept their category kept it; the others got one of the 46 names.
+    for original, record in zip(records, final):
+        category = record["items"][0]["category"]
+        assert category == original["items"][0].get("category", category)
+        assert category in constant.TASK_DESCRIPTION
+
+    # Evidence reached the reformat request of every single-turn RAG record, and only those.
+    messages = user_messages(fake_openai)
+    searched = {r.body["q"] for r in fake_serper.requests}
+    for record in final:
+        question = record["items"][0]["value"]
+        sent = requests_for(messages, question)
+        rag = len(record["items"]) == 2 and record["items"][0]["category"] in constant.RAG_TASKS
+        assert (question in searched) == rag, record["id"]
+        if record["tag"] == "rewrite":
+            assert len(sent) == 1, record["id"]  # one request (n candidates), never repeated
+            assert (f"1. Result 1 about {question}." in sent[0]) == rag, record["id"]
+        else:
+            assert sent == [], record["id"]
+    # The key is in no output file and no log.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert "sk-test-e2e-secret" not in path.read_text(encoding="utf-8", errors="replace"), path
+    assert "sk-test-e2e-secret" not in result.stderr
+
+
+def wait_for_batch_lines(batch_dir, at_least, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = sum(p.read_text(encoding="utf-8").count("\n") for p in batch_dir.glob("*.jsonl")) \
+            if batch_dir.exists() else 0
+        if lines >= at_least:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} finished records after {timeout}s")
+
+
+def finished_ids(batch_dir):
+    done = set()
+    for path in batch_dir.glob("*.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except ValueError:
+                pass  # a line torn by the kill
+    return done
+
+
+def test_rerun_after_kill_finishes_the_same_without_repeating_requests(tmp_path, fake_openai, fake_serper):
+    records = load_examples()  # every record has a category: stage 1 is skipped
+    input_path = write_json(tmp_path / "input.json", records)
+    env = pipeline_env(fake_openai, fake_serper)
+
+    # A clean run gives the reference final file.
+    reference = run_pipeline(input_path, tmp_path / "reference", env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "stage classify: skipped" in reference.stderr
+    fake_openai.requests.clear()
+
+    # Slow replies, then SIGTERM to the launcher and all its children midway.
+    fake_openai.latency = 0.5
+    rewritable = [r for r in records if expected_tag(r) == "rewrite"]
+    passed_through = len(records) - len(rewritable)  # written at once, without a request
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(pipeline_command(input_path, out, env, "--concurrency", "2"), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        wait_for_batch_lines(out / "rewrite", at_least=passed_through + 4)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0, stderr[-3000:]
+    assert "progress so far is saved, rerun to continue" in stderr, stderr[-3000:]
+    assert not (out / "final.json").exists()
+    done_before = finished_ids(out / "rewrite")
+    assert passed_through + 4 <= len(done_before) < len(records), (len(done_before), passed_through)
+    sent_before = len(user_messages(fake_openai))
+
+    fake_openai.latency = 0.0
+    rerun = run_pipeline(input_path, out, env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_json(out / "final.json") == read_json(tmp_path / "reference" / "final.json")
+
+    resent = user_messages(fake_openai)[sent_before:]
+    by_id = {r["id"]: r for r in records}
+    for record_id in done_before:
+        assert requests_for(resent, by_id[record_id]["items"][0]["value"]) == [], record_id
+    # Every rewritable record was asked for at least once over both runs.
+    everything = user_messages(fake_openai)
+    assert all(requests_for(everything, r["items"][0]["value"]) for r in rewritable)
+
+
+def test_failed_reformat_process_is_named_by_batch_id(tmp_path, fake_openai):
+    records = load_examples()
+    input_path = write_json(tmp_path / "input.json", records)
+    # Refuse the key for one question of the middle chunk only: that process stops at once.
+    n = len(records)
+    k, m = divmod(n, 3)
+    middle = records[k + min(1, m):2 * k + min(2, m)]
+    victim = next(r for r in middle if expected_tag(r) == "rewrite")["items"][0]["value"]
+    fake_openai.add_fault(status=401, times=None,
+                          match=lambda body: victim in body["messages"][-1]["content"])
+
+    result = run_pipeline(input_path, tmp_path / "out", pipeline_env(fake_openai))
+    assert result.returncode == 1
+    assert "stage retrieval: skipped, SERPER_API_KEY is not set" in result.stderr
+    assert "stage 'reformat' failed: batch ids 1 (exit status 1" in result.stderr
+    assert "reformat_1.log" in result.stderr
+    assert not (tmp_path / "out" / "merged.json").exists()
+    assert "sk-test-e2e-secret" not in result.stderr
+
+
+def test_help():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "run_pipeline.py"), "--help"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "--num_processes" in result.stdout
