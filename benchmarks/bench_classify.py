@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from fake_servers import spawn, stop_spawned
+
 RATE_RE = re.compile(r"classified (?P<n>\d+) records in (?P<elapsed>[\d.]+) s \((?P<rate>[\d.]+) records/s")
 REQUESTS_RE = re.compile(r"openai: (?P<requests>\d+) requests, (?P<retries>\d+) retries")
 FAULTS = {"429": 0.05, "500": 0.02}
@@ -56,23 +58,6 @@ def time_help(runs=5):
     return statistics.median(times)
 
 
-def start_server(latency, faults):
-    command = [sys.executable, os.path.join(ROOT, "tests", "fake_servers.py"), "openai", "--latency", str(latency)]
-    if faults:
-        command += [arg for label, rate in FAULTS.items() for arg in ("--fault-rate", f"{label}={rate}")]
-        command += ["--retry-after", "0.2"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = server.stdout.readline()
-    if not line.startswith("PORT "):
-        server.kill()
-        raise SystemExit(f"the fake server did not start: {line!r}")
-    return server, int(line.split()[1])
-
-
-def stop_server(server):
-    server.terminate()
-    server.communicate(timeout=30)
-
 
 def run_openai(workdir, name, n, port, concurrency):
     """Run classify.py --backend openai on ``n`` records; return (log matches, client CPU s)."""
@@ -96,22 +81,23 @@ def run_openai(workdir, name, n, port, concurrency):
 def bench_openai(args):
     print(f"\nopenai backend, fake server latency {args.latency:g} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_classify_") as workdir:
-        server, port = start_server(0.0, False)
+        server, port = spawn("openai")
         try:
             _, startup_cpu = run_openai(workdir, "startup", 1, port, 1)
         finally:
-            stop_server(server)
+            stop_spawned(server)
         print(f"{'conc':>4} {'faults':>6} {'records':>7} {'rec/s':>7} {'ceiling':>7} {'requests':>8} "
               f"{'retries':>7} {'CPU ms/req':>10}", flush=True)
         for concurrency in args.concurrency:
             ceiling = concurrency / args.latency
             n = max(20, int(args.seconds * min(ceiling, CPU_BOUND_RATE)))
             for faults in args.faults:
-                server, port = start_server(args.latency, faults == "on")
+                server, port = spawn("openai", args.latency, FAULTS if faults == "on" else None,
+                                     0.2 if faults == "on" else None)
                 try:
                     result, cpu = run_openai(workdir, f"c{concurrency}_{faults}", n, port, concurrency)
                 finally:
-                    stop_server(server)
+                    stop_spawned(server)
                 cpu_per_request = max(cpu - startup_cpu, 0.0) / result["requests"] * 1000
                 print(f"{concurrency:>4} {faults:>6} {n:>7} {result['rate']:>7.1f} {ceiling:>7.0f} "
                       f"{int(result['requests']):>8} {int(result['retries']):>7} {cpu_per_request:>10.2f}",

@@ -34,6 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from fake_servers import spawn, stop_spawned
+
 FAULT_RATES = {"429": 0.10, "500": 0.05, "malformed": 0.05}
 MIN_REQUESTS_FOR_CPU = 900  # fewer, and the start-up cost's jitter swamps the per-request CPU
 CPU_BOUND_RATE = 250.0  # records/s one client process sustains here; caps the input size
@@ -60,25 +62,6 @@ def synthetic_records(n, seed=0):
     return records
 
 
-def start_server(latency, faults, retry_after, seed):
-    command = [sys.executable, os.path.join(ROOT, "tests", "fake_servers.py"), "openai",
-               "--latency", str(latency), "--seed", str(seed)]
-    if faults:
-        command += [arg for label, rate in FAULT_RATES.items() for arg in ("--fault-rate", f"{label}={rate}")]
-        command += ["--retry-after", str(retry_after)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = server.stdout.readline()
-    if not line.startswith("PORT "):
-        server.kill()
-        raise SystemExit(f"the fake server did not start: {line!r} {server.stderr.read()}")
-    return server, int(line.split()[1])
-
-
-def stop_server(server):
-    server.terminate()
-    _, err = server.communicate(timeout=30)
-    stats = [line for line in err.splitlines() if line.startswith("STATS ")]
-    return json.loads(stats[-1][6:]) if stats else {}
 
 
 def run_reformat(workdir, name, records, port, concurrency, tokenizer_path):
@@ -142,12 +125,12 @@ def main(argv=None) -> int:
     rows, rates = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_reformat_") as workdir:
         tokenizer_path = build_tokenizer(workdir) if args.tokenizer else None
-        server, port = start_server(0.0, False, args.retry_after, 0)
+        server, port = spawn("openai")
         try:  # the fixed cost of a run (start-up, imports, tokenizer load, one request); it varies, take the median
             costs = sorted(run_reformat(workdir, f"startup{i}", synthetic_records(1), port, 1, tokenizer_path)[2]
                            for i in range(3))
         finally:
-            stop_server(server)
+            stop_spawned(server)
         startup_cpu = costs[1]
         print(f"client start-up CPU (one-record runs): {startup_cpu:.2f} s (of {costs[0]:.2f}-{costs[2]:.2f}); "
               f"lengths counted in {'tokens (tiny BPE tokenizer)' if tokenizer_path else 'words'}", flush=True)
@@ -161,12 +144,13 @@ def main(argv=None) -> int:
                 records = synthetic_records(n)
                 for faults in args.faults:
                     name = f"l{latency}_c{concurrency}_{faults}"
-                    server, port = start_server(latency, faults == "on", args.retry_after, seed=1)
+                    server, port = spawn("openai", latency, FAULT_RATES if faults == "on" else None,
+                                         args.retry_after if faults == "on" else None, seed=1)
                     try:
                         summary, wall, cpu, lines = run_reformat(workdir, name, records, port, concurrency,
                                                                  tokenizer_path)
                     finally:
-                        server_stats = stop_server(server)
+                        server_stats = stop_spawned(server)
                     ids = [line["id"] for line in lines]
                     lost = len({r["id"] for r in records} - set(ids)) + (len(ids) - len(set(ids)))
                     failed = sum(1 for line in lines if line.get("status") == "failed")

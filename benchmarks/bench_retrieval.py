@@ -14,19 +14,22 @@ records in at most about 10x the time of 1,000.
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from fake_servers import spawn, stop_spawned
+
 FAKE_KEY = "test-serper-key"  # the fake server's default key
 
 
 def make_records(n):
     """``n`` searchable records: RAG categories in turn, int ids with gaps, distinct queries."""
-    sys.path.insert(0, ROOT)
     from constant import RAG_TASKS
 
     return [{"id": 10 + 3 * i,
@@ -36,22 +39,6 @@ def make_records(n):
             for i in range(n)]
 
 
-def start_fake_serper(latency):
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fake_servers.py"), "serper",
-                               "--latency", str(latency)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = server.stdout.readline()
-    if not line.startswith("PORT "):
-        server.kill()
-        raise SystemExit(f"the fake server did not start: {line!r} {server.stderr.read()}")
-    return server, int(line.split()[1])
-
-
-def stop_fake_serper(server):
-    server.send_signal(signal.SIGTERM)
-    _, err = server.communicate(timeout=30)
-    stats = [line for line in err.splitlines() if line.startswith("STATS ")]
-    return json.loads(stats[-1][len("STATS "):]) if stats else {}
 
 
 def run_once(n, port, batch_size, workdir):
@@ -86,7 +73,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    server, port = start_fake_serper(args.latency)
+    server, port = spawn("serper", args.latency)
     timings = {}
     try:
         with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as workdir:
@@ -96,7 +83,7 @@ def main(argv=None) -> int:
                       f"(latency {args.latency:g} s, --batch_size {args.batch_size}, "
                       f"ceiling {args.batch_size / args.latency:.0f} queries/s)", flush=True)
     finally:
-        stats = stop_fake_serper(server)
+        stats = stop_spawned(server)
     print(f"fake server: {stats.get('requests')} requests, at most {stats.get('max_in_flight')} in flight")
     if len(timings) > 1:
         small, large = min(timings), max(timings)

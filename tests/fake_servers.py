@@ -462,6 +462,36 @@ class FakeSerperServer(_FakeServer):
 _SERPER_MESSAGES = {403: "Unauthorized.", 429: "Too many requests.", 400: "Bad request."}
 
 
+# -- a server in its own process (benchmarks) ---------------------------------------
+
+
+def spawn(kind, latency=0.0, fault_rates=None, retry_after=None, seed=0):
+    """Start ``python fake_servers.py KIND ...`` in its own process, so its work does not
+    count as the client's; return ``(process, port)``."""
+    import os
+    import subprocess
+
+    command = [sys.executable, os.path.abspath(__file__), kind, "--latency", str(latency), "--seed", str(seed)]
+    for label, rate in (fault_rates or {}).items():
+        command += ["--fault-rate", f"{label}={rate}"]
+    if retry_after is not None:
+        command += ["--retry-after", str(retry_after)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("PORT "):
+        process.kill()
+        raise SystemExit(f"the fake {kind} server did not start: {line!r} {process.stderr.read()}")
+    return process, int(line.split()[1])
+
+
+def stop_spawned(process):
+    """Stop a :func:`spawn`-ed server; return the request statistics it printed."""
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    stats = [line for line in err.splitlines() if line.startswith("STATS ")]
+    return json.loads(stats[-1][len("STATS "):]) if stats else {}
+
+
 # -- command line --------------------------------------------------------------------
 
 SERVERS = {"openai": FakeOpenAIServer, "serper": FakeSerperServer}
