@@ -43,6 +43,7 @@ from realign import (
     iter_progress,
     iter_records,
     read_json_or_jsonl,
+    refuse_overwriting_input,
     setup_logging,
     write_json_atomic,
     write_json_list_atomic,
@@ -609,8 +610,7 @@ def main(argv=None) -> int:
     names = task_names()
     if os.path.isdir(args.output_path):
         raise InputError(f"{args.output_path}: --output_path is a folder, expected a file path")
-    if os.path.realpath(args.output_path) == os.path.realpath(args.input_data_path):
-        raise InputError(f"{args.output_path}: --output_path would overwrite the input; choose another path")
+    refuse_overwriting_input(args.input_data_path, args.output_path)
 
     if args.eval:
         items = load_eval_items(args.input_data_path)

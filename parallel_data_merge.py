@@ -35,6 +35,7 @@ from realign import (
     exits_cleanly,
     iter_progress,
     iter_records,
+    refuse_overwriting_input,
     setup_logging,
     write_json_list_atomic,
 )
@@ -183,6 +184,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    refuse_overwriting_input(args.input_data_path, args.final_output_path)
     batch_num, batches = find_batch_files(args.output_directory)
     absent = [i for i in range(batch_num) if i not in batches]
     if absent:

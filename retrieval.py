@@ -33,7 +33,6 @@ from tqdm import tqdm
 from constant import RAG_TASKS
 from realign import (
     ConfigError,
-    InputError,
     ProgressWriter,
     check_constants,
     exits_cleanly,
@@ -42,6 +41,7 @@ from realign import (
     non_negative_int,
     positive_float,
     positive_int,
+    refuse_overwriting_input,
     setup_logging,
     write_json_atomic,
 )
@@ -256,22 +256,13 @@ def parse_args(argv=None):
     return args
 
 
-def check_paths(input_path, paths):
-    """Refuse outputs that would overwrite the input."""
-    source = os.path.realpath(input_path)
-    for flag_value in paths.values():
-        if os.path.realpath(flag_value) == source:
-            raise InputError(f"{input_path}: --output_path {paths['raw']} would overwrite the input "
-                             f"(as {flag_value}); choose another output path")
-
-
 @exits_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     check_constants()
     paths = output_paths(args.output_path)
-    check_paths(args.input_data_path, paths)
+    refuse_overwriting_input(args.input_data_path, *paths.values())
     records = load_records(args.input_data_path)
 
     wanted = {record["id"]: record["items"][0]["value"] for record in records if needs_retrieval(record)}

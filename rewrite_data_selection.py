@@ -37,7 +37,15 @@ import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from realign import InputError, LengthCounter, exits_cleanly, iter_records, setup_logging, write_json_list_atomic
+from realign import (
+    InputError,
+    LengthCounter,
+    exits_cleanly,
+    iter_records,
+    refuse_overwriting_input,
+    setup_logging,
+    write_json_list_atomic,
+)
 
 logger = logging.getLogger("rewrite_data_selection")
 
@@ -357,6 +365,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    refuse_overwriting_input(args.input_original_data_path, args.output_path)
+    refuse_overwriting_input(args.input_rewrite_data_path, args.output_path)
     rules = PRESETS[args.rules]
     count_lengths, unit = None, "words"
     if "length" in rules:

@@ -365,6 +365,15 @@ class ProgressWriter:
         self.close()
 
 
+def refuse_overwriting_input(input_path, *output_paths):
+    """Raise :class:`InputError` when an output path is the input file (the data paid for)."""
+    source = os.path.realpath(input_path)
+    for output_path in output_paths:
+        if os.path.realpath(output_path) == source:
+            raise InputError(f"{input_path}: output {output_path} would overwrite the input; "
+                             "choose another output path")
+
+
 def chunk_bounds(n_records, batch_num, batch_id):
     """``[start, end)`` of chunk ``batch_id`` when ``n_records`` are cut into ``batch_num``
     contiguous chunks whose sizes differ by at most one, earlier chunks larger."""

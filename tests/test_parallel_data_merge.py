@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -265,3 +266,13 @@ def test_help_is_fast_and_imports_nothing_heavy():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--allow_partial" in result.stdout and "--final_output_path" in result.stdout
+
+
+def test_output_may_not_overwrite_the_input(tmp_path, capsys):
+    source = write_input(tmp_path)
+    before = Path(source).read_text(encoding="utf-8")
+    argv = ["--input_data_path", source, "--output_directory", write_batches(tmp_path / "rw", default_lines(), 2),
+            "--final_output_path", source]
+    assert merge.main(argv) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert Path(source).read_text(encoding="utf-8") == before

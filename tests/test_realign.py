@@ -17,6 +17,7 @@ from realign import (
     parse_retry_after,
     read_done_ids,
     read_progress,
+    refuse_overwriting_input,
     retry_delay,
     write_json_atomic,
 )
@@ -184,3 +185,10 @@ def test_chunk_bounds_literal_cases():
     assert [chunk_bounds(10, 3, i) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
     with pytest.raises(ValueError):
         chunk_bounds(10, 3, 3)
+
+
+def test_outputs_may_not_overwrite_the_input(tmp_path):
+    source = write(tmp_path, [good_record(1)])
+    refuse_overwriting_input(source, str(tmp_path / "out.json"))
+    with pytest.raises(InputError, match="would overwrite the input"):
+        refuse_overwriting_input(source, str(tmp_path / "out.json"), str(tmp_path / "." / "data.json"))

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny_model import build_tiny_tokenizer
@@ -357,3 +358,14 @@ def test_help_is_fast_and_imports_nothing_heavy():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--rules" in result.stdout and "--keep_reasons" in result.stdout
+
+
+def test_output_may_not_overwrite_an_input(tmp_path, capsys):
+    original_path = write(tmp_path / "original.json", ORIGINALS)
+    merged_path = write(tmp_path / "merged.json", merged(ORIGINALS, REWRITES))
+    before = Path(merged_path).read_text(encoding="utf-8")
+    code = sel.main(["--input_original_data_path", original_path, "--input_rewrite_data_path", merged_path,
+                     "--output_path", merged_path])
+    assert code == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert Path(merged_path).read_text(encoding="utf-8") == before
