@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from fake_servers import FakeOpenAIServer, FakeSerperServer
+from realign.standins import FakeOpenAIServer, FakeSerperServer
 
 # vLLM's CPU build: run the engine in-process (starts in seconds) with a small KV cache.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 import requests
-from fake_servers import MALFORMED_REPLY, FakeOpenAIServer, find_original_response
+from realign.standins import MALFORMED_REPLY, FakeOpenAIServer, find_original_response
 
 import constant
 
@@ -19,7 +19,7 @@ ORIGINAL = "1. Eat well.\n\n2. Sleep.\n[Original response end] is a marker.\n3. 
 REWRITE_REQUEST = constant.REFORMAT_PROMPTS["adaptive"]["evidence"]["user"].format(
     question="Give three tips for staying healthy.", response=ORIGINAL,
     format="the answer; explanation; conclusion", evidence="1. Sleep matters.")
-FAKE_SERVERS = os.path.join(os.path.dirname(__file__), "fake_servers.py")
+FAKE_SERVERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "realign", "standins.py")
 
 
 def client_for(server, **kwargs):

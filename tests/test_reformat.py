@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from fake_servers import MALFORMED_REPLY, FakeOpenAIServer
+from realign.standins import MALFORMED_REPLY, FakeOpenAIServer
 
 import constant
 import reformat

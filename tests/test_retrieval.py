@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from fake_servers import DEFAULT_SERPER_KEY, FakeSerperServer
+from realign.standins import DEFAULT_SERPER_KEY, FakeSerperServer
 
 import retrieval
 from realign import FatalError

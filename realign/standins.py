@@ -22,9 +22,9 @@ FakeSerperServer serves `POST /search`. See their docstrings for how to script r
 
 Usage (a separate process for benchmarks; prints one line `PORT <n>`, then serves
 until killed, and writes a `STATS {...}` line to stderr on SIGTERM or Ctrl-C):
-    python tests/fake_servers.py openai --latency 0.2 --fault-rate 429=0.1 \
+    python -m realign.standins openai --latency 0.2 --fault-rate 429=0.1 \
         --fault-rate 500=0.05 --fault-rate malformed=0.05
-    python tests/fake_servers.py serper --latency 0.05
+    python -m realign.standins serper --latency 0.05
 """
 
 import argparse
@@ -466,7 +466,7 @@ _SERPER_MESSAGES = {403: "Unauthorized.", 429: "Too many requests.", 400: "Bad r
 
 
 def spawn(kind, latency=0.0, fault_rates=None, retry_after=None, seed=0):
-    """Start ``python fake_servers.py KIND ...`` in its own process, so its work does not
+    """Start ``python -m realign.standins KIND ...`` in its own process, so its work does not
     count as the client's; return ``(process, port)``."""
     import os
     import subprocess
