@@ -1,0 +1,986 @@
+"""Measure what ReAlign did to a dataset: the paper's "% rewritten", lengths, and optional judges.
+
+Usage:
+    python evaluate.py \
+        --original_path outputs/realign_examples_retrieval_clean_evidence.json \
+        --rewritten_path outputs/realign_examples_final.json \
+        --output_path outputs/evaluation.json --report_path outputs/evaluation.md \
+        --plot_path outputs/evaluation.png
+
+Reads the stage-3 input (the originals) and the final file of rewrite_data_selection.py
+(or the merged file of parallel_data_merge.py), both JSON lists or JSONL, streamed, and
+pairs their records by id. An id found in one file only is bad input (exit 2, nothing
+written), unless --allow_unpaired, which measures the paired records and reports how many
+were left out.
+
+Free measures (no network), overall, per task group (constant.TASK_GROUPS) and per task
+(items[0].category), each with its record count:
+    - rewritten: the word-level edit distance of items[1].value before and after, divided
+      by the longer word count, is above --rewrite_threshold (0.2, the paper's rule); words
+      are whitespace-separated tokens; two empty texts have rate 0;
+    - changed: the texts differ at all;
+    - mean and median response length before and after, in words (or --tokenizer_path
+      tokens), the length ratio (mean after / mean before) and the quantiles of the
+      per-record ratios;
+    - the filter's tags and reject reasons (counts).
+
+Judges (optional; --judge factuality and/or readability, an OpenAI-compatible model):
+    - factuality rates the original and the rewrite, each 1 to 10 against the reference
+      answer (items[1].value of the --reference_path record with the same id, e.g. the NQ
+      file of the original work), and reports both means and their difference;
+    - readability asks for the better-readable answer in both orders (original first, then
+      rewrite first); a verdict that flips with the order counts as a tie; reports win /
+      tie / loss of the rewrite and the share of consistent pairs. A record whose rewrite
+      equals its original is a tie without asking (and factuality asks once for it).
+    --judge_sample K judges K records drawn by --seed (the same ids whatever the file
+    order). A reply without a well-formed verdict is re-asked up to --max_judge_retries
+    times, then counted apart as unparsed.
+
+Outputs (each written atomically, only after every check passed):
+    --output_path  JSON: "headline", "inputs", "unpaired", "overall", "groups", "tasks",
+                   "judges" (when asked) and "records", one compact line per record: id,
+                   task, edit_rate (4 decimals), rewritten, changed, length_before,
+                   length_after, tag, reject_reason (when the file has it) and verdicts.
+    --report_path  Markdown: the headline and the tables.
+    --plot_path    one PNG with several panels: the share rewritten per task, the length
+                   ratios of the changed records, and the judge results.
+The last log line is the headline, e.g.
+    rewritten 29.9% (edit rate > 0.2) of 52,002; mean length 65.5 -> 72.4 words; changed 31.2%
+
+Exit status: 0 done; 2 bad input (a malformed record, ids in one file only, a bad
+tokenizer), nothing written. Environment: OPENAI_API_KEY and OPENAI_BASE_URL for the
+judges (never logged).
+"""
+
+import argparse
+import asyncio
+import hashlib
+import heapq
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections import Counter, defaultdict, namedtuple
+from itertools import islice
+
+from constant import JUDGE_PROMPTS, TASK_GROUPS
+from realign import (
+    FatalError,
+    InputError,
+    LengthCounter,
+    check_constants,
+    exits_cleanly,
+    iter_records,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    refuse_overwriting_input,
+    setup_logging,
+)
+from realign.metrics import (
+    CHANGED,
+    REWRITE_THRESHOLD,
+    REWRITTEN,
+    MeasureStats,
+    edit_rate_of_words,
+    is_rewritten,
+    split_words,
+)
+from realign.records import _write_atomic  # the one atomic writer (see write_text_atomic)
+
+logger = logging.getLogger("evaluate")
+
+JUDGES = ("factuality", "readability")
+DEFAULT_JUDGE_MODEL = "gpt-4"  # the paper's judge
+NO_TASK = "(none)"  # records without items[0].category
+NO_GROUP = "(no group)"  # tasks that TASK_GROUPS does not list
+RECORDS_PER_BATCH = 2048  # records per length-counting call (a tokenizer counts a batch at once)
+SHOWN_IDS = 5  # example ids an error message lists
+
+# A verdict is [[n]] or [[X]]; the last one in a reply counts (judges may quote the format first).
+SCORE_RE = re.compile(r"\[\[\s*(-?\d+)\s*\]\]")
+CHOICE_RE = re.compile(r"\[\[\s*([A-Za-z])\s*\]\]")
+SCORES = range(1, 11)
+CHOICES = ("A", "B", "C")
+# What a re-ask adds after the unparsable reply. A different conversation, so a request
+# cache cannot hand back the same reply.
+REASK = {
+    "factuality": "Your reply did not give the rating in the required form. Give your rating again: "
+                  "a whole number from 1 to 10, written strictly as [[n]], for example [[7]].",
+    "readability": "Your reply did not give the verdict in the required form. Give your verdict again, "
+                   "written strictly as [[A]], [[B]] or [[C]].",
+}
+# Readability verdicts, from the rewrite's side: A is the first answer shown.
+OUTCOME_ORIGINAL_FIRST = {"A": "loss", "B": "win", "C": "tie"}
+OUTCOME_REWRITE_FIRST = {"A": "win", "B": "loss", "C": "tie"}
+OUTCOMES = ("win", "tie", "loss")
+
+Original = namedtuple("Original", "id index task question response")
+Rewritten = namedtuple("Rewritten", "id index task response tag reject_reason")
+JudgeItem = namedtuple("JudgeItem", "id line question original rewrite reference")
+
+
+# -- pairing and free measures ------------------------------------------------------------
+
+def slim_originals(records):
+    """The fields evaluation needs of each original record (a waiting record costs only these)."""
+    for index, record in enumerate(records):
+        first, second = record["items"][0], record["items"][1]
+        yield Original(record["id"], index, first.get("category"), first["value"], second["value"])
+
+
+def optional_string(record, field, path, index):
+    value = record.get(field)
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"{path}: record {index} (id {record['id']!r}): field {field!r} must be a string")
+    return value
+
+
+def slim_rewrites(records, path):
+    for index, record in enumerate(records):
+        yield Rewritten(record["id"], index, record["items"][0].get("category"), record["items"][1]["value"],
+                        optional_string(record, "tag", path, index),
+                        optional_string(record, "reject_reason", path, index))
+
+
+def pair_by_id(originals, rewrites, unpaired):
+    """Yield ``(original, rewritten)`` with the same id, reading both streams in step.
+
+    Both files normally list the ids in the same order, so a pair is complete as soon as
+    both halves are read; a record whose partner is not read yet waits in a dict (the
+    cost of files in different orders). At the end ``unpaired`` holds the records found
+    in one file only: ``{"original": [...], "rewritten": [...]}``.
+    """
+    waiting = ({}, {})  # id -> record read from that side, partner not met yet
+    streams = [iter(originals), iter(rewrites)]
+    while any(streams):
+        for side, stream in enumerate(streams):
+            if stream is None:
+                continue
+            record = next(stream, None)
+            if record is None:
+                streams[side] = None
+                continue
+            partner = waiting[1 - side].pop(record.id, None)
+            if partner is None:
+                waiting[side][record.id] = record
+            else:
+                yield (record, partner) if side == 0 else (partner, record)
+    unpaired["original"] = list(waiting[0].values())
+    unpaired["rewritten"] = list(waiting[1].values())
+
+
+def unpaired_message(left_out, path, other_path):
+    shown = ", ".join(f"record {r.index} (id {r.id!r})" for r in left_out[:SHOWN_IDS])
+    more = ", ..." if len(left_out) > SHOWN_IDS else ""
+    return f"{path}: {len(left_out):,} record(s) whose id is not in {other_path}: {shown}{more}"
+
+
+def batched(iterable, size):
+    iterator = iter(iterable)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_record=None):
+    """``{task: MeasureStats}`` of ``(Original, Rewritten)`` pairs.
+
+    Lengths are word counts, or ``count_lengths(texts)`` (one call per batch) when given;
+    the edit rate is always in words. ``on_record(entry, original, rewritten)`` gets each
+    record's JSON entry.
+    """
+    stats = defaultdict(MeasureStats)
+    for batch in batched(pairs, RECORDS_PER_BATCH):
+        counted = None
+        if count_lengths is not None:
+            counted = count_lengths([o.response for o, _ in batch] + [r.response for _, r in batch])
+        for j, (original, rewritten) in enumerate(batch):
+            task = original.task if isinstance(original.task, str) else rewritten.task
+            task = task if isinstance(task, str) else NO_TASK
+            changed = original.response != rewritten.response
+            before_words, after_words = split_words(original.response), split_words(rewritten.response)
+            rate = edit_rate_of_words(before_words, after_words) if changed else 0.0
+            rewrote = is_rewritten(rate, threshold)
+            if counted is None:
+                length_before, length_after = len(before_words), len(after_words)
+            else:
+                length_before, length_after = counted[j], counted[len(batch) + j]
+            stats[task].add(rate, rewrote, changed, length_before, length_after,
+                            rewritten.tag, rewritten.reject_reason)
+            if on_record is not None:
+                entry = {"id": original.id, "task": task, "edit_rate": round(rate, 4), "rewritten": rewrote,
+                         "changed": changed, "length_before": length_before, "length_after": length_after,
+                         "tag": rewritten.tag}
+                if rewritten.reject_reason is not None:
+                    entry["reject_reason"] = rewritten.reject_reason
+                on_record(entry, original, rewritten)
+    return dict(stats)
+
+
+def group_of_task():
+    return {task: group for group, tasks in TASK_GROUPS.items() for task in tasks}
+
+
+def summarize(task_stats):
+    """``{"overall", "groups", "tasks"}`` summaries; groups in TASK_GROUPS order, tasks by size."""
+    groups = group_of_task()
+    by_group = defaultdict(list)
+    for task, stats in task_stats.items():
+        by_group[groups.get(task, NO_GROUP)].append(stats)
+    group_order = [g for g in (*TASK_GROUPS, NO_GROUP) if g in by_group]
+    tasks = sorted(task_stats, key=lambda t: (-task_stats[t].records, t))
+    overall = MeasureStats.merged(task_stats.values())
+    return {
+        "overall": overall.summary(),
+        "groups": {g: MeasureStats.merged(by_group[g]).summary() for g in group_order},
+        "tasks": {t: {"group": groups.get(t, NO_GROUP), **task_stats[t].summary()} for t in tasks},
+    }, overall
+
+
+def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpaired=False,
+                  threshold=REWRITE_THRESHOLD, on_record=None):
+    """The free measures of two files: ``(summary, overall MeasureStats)``.
+
+    ``summary`` holds "inputs", "unpaired", "overall", "groups" and "tasks" (see
+    :func:`headline`). Raises :class:`InputError` on a malformed record, on ids found in
+    one file only (unless ``allow_unpaired``) and when no record pairs.
+    """
+    unpaired = {}
+    originals = slim_originals(iter_records(original_path, require_response=True))
+    rewrites = slim_rewrites(iter_records(rewritten_path, require_response=True), rewritten_path)
+    task_stats = measure_pairs(pair_by_id(originals, rewrites, unpaired), count_lengths, threshold, on_record)
+    for side, path, other in (("original", original_path, rewritten_path),
+                              ("rewritten", rewritten_path, original_path)):
+        if unpaired[side]:
+            message = unpaired_message(unpaired[side], path, other)
+            if not allow_unpaired:
+                raise InputError(f"{message}; the two files must come from the same run (or pass --allow_unpaired)")
+            logger.warning("%s; left out (--allow_unpaired)", message)
+    if not task_stats:
+        raise InputError(f"{original_path}: no record to evaluate (no id is in both files)")
+    tables, overall = summarize(task_stats)
+    summary = {
+        "inputs": {"original_path": original_path, "rewritten_path": rewritten_path,
+                   "length_unit": getattr(count_lengths, "unit", "words"), "rewrite_threshold": threshold},
+        "unpaired": {"only_in_original": len(unpaired["original"]),
+                     "only_in_rewritten": len(unpaired["rewritten"])},
+        **tables,
+    }
+    return summary, overall
+
+
+def percent(share, digits=1):
+    return "n/a" if share is None else f"{100 * share:.{digits}f}%"
+
+
+def headline(summary):
+    """One line for logs and run_pipeline.py, e.g.
+    ``rewritten 29.9% (edit rate > 0.2) of 52,002; mean length 65.5 -> 72.4 words; changed 31.2%``."""
+    overall = summary["overall"]
+    threshold = summary["inputs"]["rewrite_threshold"]
+    parts = [
+        f"rewritten {percent(overall['share_rewritten'])} (edit rate > {threshold:g}) of {overall['records']:,}",
+        (f"mean length {overall['length_before']['mean']:.1f} -> {overall['length_after']['mean']:.1f} "
+         f"{summary['inputs']['length_unit']}"),
+        f"changed {percent(overall['share_changed'])}",
+    ]
+    judges = summary.get("judges", {})
+    factuality = judges.get("factuality")
+    if factuality and factuality["scored"]:
+        parts.append(f"factuality {factuality['mean_original']:.2f} -> {factuality['mean_rewrite']:.2f} "
+                     f"({factuality['scored']:,} judged)")
+    readability = judges.get("readability")
+    if readability and readability["counted"]:
+        parts.append(f"readability win/tie/loss {percent(readability['win_share'], 0)}/"
+                     f"{percent(readability['tie_share'], 0)}/{percent(readability['loss_share'], 0)}")
+    return "; ".join(parts)
+
+
+# -- judges: prompts, verdicts, sampling --------------------------------------------------
+
+def chat(judge, **fields):
+    prompt = JUDGE_PROMPTS[judge]
+    return [{"role": "system", "content": prompt["system"]},
+            {"role": "user", "content": prompt["user"].format(**fields)}]
+
+
+def build_factuality_messages(question, reference, answer):
+    """The chat messages asking the judge to rate ``answer`` 1-10 against ``reference``."""
+    return chat("factuality", question=question, reference=reference, answer=answer)
+
+
+def build_readability_messages(question, answer_a, answer_b):
+    """The chat messages asking which of two answers reads better ([[A]], [[B]] or [[C]])."""
+    return chat("readability", question=question, answer_a=answer_a, answer_b=answer_b)
+
+
+def build_reask_messages(messages, reply, judge):
+    """The first request again, followed by the unparsable reply and a request for the verdict."""
+    return [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": REASK[judge]}]
+
+
+def parse_score(reply):
+    """The last ``[[n]]`` of a reply as an int 1..10; None when there is none or it is out of range."""
+    found = SCORE_RE.findall(reply or "")
+    if not found:
+        return None
+    score = int(found[-1])
+    return score if score in SCORES else None
+
+
+def parse_choice(reply):
+    """The last ``[[A]]``/``[[B]]``/``[[C]]`` of a reply; None when there is none or it is another letter."""
+    found = CHOICE_RE.findall(reply or "")
+    if not found:
+        return None
+    choice = found[-1].upper()
+    return choice if choice in CHOICES else None
+
+
+PARSERS = {"factuality": parse_score, "readability": parse_choice}
+
+
+def combine_orders(original_first, rewrite_first):
+    """``(outcome, consistent)`` of the rewrite from the verdicts of both orders.
+
+    ``original_first`` is the verdict when the original is answer A, ``rewrite_first``
+    when the rewrite is. The same outcome in both orders stands; any other pair (one that
+    flips with the order, or a win against a tie) is a tie and not consistent.
+    """
+    first, second = OUTCOME_ORIGINAL_FIRST[original_first], OUTCOME_REWRITE_FIRST[rewrite_first]
+    return (first, True) if first == second else ("tie", False)
+
+
+def sample_key(seed, record_id):
+    """A pseudo-random 64-bit key of ``(seed, id)``, the same on every machine and run."""
+    digest = hashlib.blake2b(json.dumps([seed, record_id]).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class Sampler:
+    """A seeded random sample of ``k`` records, drawn while streaming (``k`` None keeps all).
+
+    Keeps the ``k`` records whose :func:`sample_key` is smallest (a heap of ``k``), so the
+    sample depends on the ids and the seed, not on the order of the files, and samples of
+    one seed nest: the sample of 50 is part of the sample of 100.
+    """
+
+    def __init__(self, k, seed):
+        self.k, self.seed = k, seed
+        self._heap = []  # (-key, order, item): the largest key on top, to be pushed out
+        self.offered = 0
+
+    def offer(self, record_id, make_item):
+        """Consider one record; ``make_item()`` builds what is kept, only when it is kept."""
+        self.offered += 1
+        key = sample_key(self.seed, record_id)
+        if self.k is None or len(self._heap) < self.k:
+            heapq.heappush(self._heap, (-key, self.offered, make_item()))
+        elif key < -self._heap[0][0]:
+            heapq.heapreplace(self._heap, (-key, self.offered, make_item()))
+
+    def items(self):
+        """The sampled items, smallest key first."""
+        return [item for _, _, item in sorted(self._heap, key=lambda entry: (-entry[0], entry[1]))]
+
+
+def sample_records(records, k, seed, key=lambda record: record["id"]):
+    """A seeded random sample of ``k`` of ``records`` (see :class:`Sampler`)."""
+    sampler = Sampler(k, seed)
+    for record in records:
+        sampler.offer(key(record), lambda record=record: record)
+    return sampler.items()
+
+
+# -- judges: sending requests (the one place that talks to a model) -----------------------
+
+async def ask_for_verdict(ask, messages, judge, max_retries):
+    """Ask until the reply holds a verdict: ``{"verdict", "status", "asks"}``.
+
+    status: "ok"; "unparsed" (no well-formed verdict after ``max_retries`` re-asks); or
+    "no_reply" (``ask`` returned None: the client gave up, or a dry run).
+    """
+    parse, conversation = PARSERS[judge], messages
+    for asks in range(1, max_retries + 2):
+        reply = await ask(conversation)
+        if reply is None:
+            return {"verdict": None, "status": "no_reply", "asks": asks}
+        verdict = parse(reply)
+        if verdict is not None:
+            return {"verdict": verdict, "status": "ok", "asks": asks}
+        conversation = build_reask_messages(messages, reply, judge)
+    return {"verdict": None, "status": "unparsed", "asks": max_retries + 1}
+
+
+def _status(*answers):
+    """The status of a record from those of its requests: any failure marks the record."""
+    statuses = {answer["status"] for answer in answers}
+    for status in ("no_reply", "unparsed"):
+        if status in statuses:
+            return status
+    return "ok"
+
+
+async def judge_factuality(item, ask, max_retries):
+    """Rate the original and the rewrite of one record (once when they are the same text)."""
+    def ask_about(answer):
+        messages = build_factuality_messages(item.question, item.reference, answer)
+        return ask_for_verdict(ask, messages, "factuality", max_retries)
+
+    if item.original == item.rewrite:
+        original = rewrite = await ask_about(item.original)
+    else:
+        original, rewrite = await asyncio.gather(ask_about(item.original), ask_about(item.rewrite))
+    result = {"original": original["verdict"], "rewrite": rewrite["verdict"], "status": _status(original, rewrite),
+              "asks": original["asks"] + (0 if rewrite is original else rewrite["asks"])}
+    if rewrite is original:
+        result["identical"] = True
+    return result
+
+
+async def judge_readability(item, ask, max_retries):
+    """Compare the original and the rewrite of one record in both orders."""
+    if item.original == item.rewrite:
+        return {"outcome": "tie", "consistent": True, "identical": True, "status": "ok", "asks": 0}
+    first, second = await asyncio.gather(
+        ask_for_verdict(ask, build_readability_messages(item.question, item.original, item.rewrite),
+                        "readability", max_retries),
+        ask_for_verdict(ask, build_readability_messages(item.question, item.rewrite, item.original),
+                        "readability", max_retries))
+    result = {"original_first": first["verdict"], "rewrite_first": second["verdict"],
+              "status": _status(first, second), "asks": first["asks"] + second["asks"]}
+    if result["status"] == "ok":
+        result["outcome"], result["consistent"] = combine_orders(first["verdict"], second["verdict"])
+    return result
+
+
+JUDGE_FUNCTIONS = {"factuality": judge_factuality, "readability": judge_readability}
+
+
+async def run_judges(samples, ask, max_retries):
+    """Send every judge request: ``{judge: [JudgeItem]}`` -> ``{judge: {line: result}}``.
+
+    THE ONE PLACE JUDGE REQUESTS ARE SENT. ``ask(messages) -> str | None`` is an async
+    callable that sends one chat request and returns the reply's text, or None when no
+    reply came (it owns retries of transient errors, pacing, the cache, the dry run and the
+    spending limit). All requests are started at once; ``ask`` decides when each is sent.
+    """
+    results = {}
+    for judge, items in samples.items():
+        done = await asyncio.gather(*(JUDGE_FUNCTIONS[judge](item, ask, max_retries) for item in items))
+        results[judge] = {item.line: result for item, result in zip(items, done)}
+    return results
+
+
+def make_judge_ask(args):
+    """The ``ask`` callable for :func:`run_judges`, built from the command line.
+
+    LEAD: plug the shared client (realign/client.py) in here: --judge_model, --base_url,
+    --max_cost, --dry_run, OPENAI_API_KEY; temperature 0. Until then the judges cannot run.
+    """
+    raise FatalError("the judges need the shared OpenAI-compatible client (realign/client.py), "
+                     "which evaluate.py does not use yet; run without --judge for the free measures")
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def summarize_factuality(results, eligible, model):
+    """Means of the records whose two answers were both scored; statuses counted apart."""
+    scored = [r for r in results.values() if r["status"] == "ok"]
+    statuses = Counter(r["status"] for r in results.values())
+    differences = [r["rewrite"] - r["original"] for r in scored]
+    return {
+        "model": model,
+        "eligible": eligible,
+        "sampled": len(results),
+        "scored": len(scored),
+        "unparsed": statuses["unparsed"],
+        "no_reply": statuses["no_reply"],
+        "identical": sum(1 for r in results.values() if r.get("identical")),
+        "mean_original": _mean([r["original"] for r in scored]),
+        "mean_rewrite": _mean([r["rewrite"] for r in scored]),
+        "mean_difference": _mean(differences),
+        "rewrite_higher": sum(1 for d in differences if d > 0),
+        "equal": sum(1 for d in differences if d == 0),
+        "rewrite_lower": sum(1 for d in differences if d < 0),
+        "scores_original": {str(s): sum(1 for r in scored if r["original"] == s) for s in SCORES},
+        "scores_rewrite": {str(s): sum(1 for r in scored if r["rewrite"] == s) for s in SCORES},
+    }
+
+
+def summarize_readability(results, eligible, model):
+    """Win / tie / loss of the rewrite over the pairs with both verdicts; consistency over the
+    pairs actually asked (identical pairs are ties that were never asked)."""
+    counted = [r for r in results.values() if r["status"] == "ok"]
+    asked = [r for r in counted if not r.get("identical")]
+    outcomes = Counter(r["outcome"] for r in counted)
+    statuses = Counter(r["status"] for r in results.values())
+    consistent = sum(1 for r in asked if r["consistent"])
+    summary = {"model": model, "eligible": eligible, "sampled": len(results), "counted": len(counted)}
+    for outcome in OUTCOMES:
+        summary[outcome] = outcomes[outcome]
+    for outcome in OUTCOMES:
+        summary[f"{outcome}_share"] = outcomes[outcome] / len(counted) if counted else None
+    summary.update({
+        "identical": len(counted) - len(asked),
+        "consistent": consistent,
+        "consistent_share": consistent / len(asked) if asked else None,
+        "unparsed": statuses["unparsed"],
+        "no_reply": statuses["no_reply"],
+    })
+    return summary
+
+
+SUMMARIZERS = {"factuality": summarize_factuality, "readability": summarize_readability}
+
+
+# -- report and charts --------------------------------------------------------------------
+
+def number(value, digits=1):
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def cell(text):
+    return str(text).replace("|", "\\|")
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def breakdown_row(name, stats):
+    ratios = stats["ratio_distribution"]
+    return [name, f"{stats['records']:,}", percent(stats["share_rewritten"]), percent(stats["share_changed"]),
+            number(stats["length_before"]["mean"]), number(stats["length_after"]["mean"]),
+            number(stats["length_ratio"], 2), number(ratios["median"], 2)]
+
+
+def render_report(summary, plot_link=None):
+    """The Markdown report: headline, overall table, groups, tasks, tags and reasons, judges."""
+    inputs, overall, unit = summary["inputs"], summary["overall"], summary["inputs"]["length_unit"]
+    threshold = inputs["rewrite_threshold"]
+    ratios = overall["ratio_distribution"]
+    parts = [
+        "# ReAlign evaluation",
+        f"**{summary['headline']}**",
+        (f"Originals `{inputs['original_path']}`, rewrites `{inputs['rewritten_path']}`, paired by id. "
+         f"A response counts as rewritten when its word-level edit distance divided by the longer length is "
+         f"above {threshold:g} (the paper's rule); lengths are counted in {unit}."),
+    ]
+    unpaired = summary["unpaired"]
+    if unpaired["only_in_original"] or unpaired["only_in_rewritten"]:
+        parts.append(f"Left out (--allow_unpaired): {unpaired['only_in_original']:,} record(s) only in the "
+                     f"originals, {unpaired['only_in_rewritten']:,} only in the rewrites.")
+    if plot_link:
+        parts.append(f"![charts]({plot_link})")
+    parts += ["## Overall", table(["measure", "value"], [
+        ["records", f"{overall['records']:,}"],
+        [f"rewritten (edit rate > {threshold:g})", f"{overall['rewritten']:,} ({percent(overall['share_rewritten'])})"],
+        ["changed at all", f"{overall['changed']:,} ({percent(overall['share_changed'])})"],
+        ["mean edit rate", number(overall["mean_edit_rate"], 3)],
+        [f"mean length before -> after ({unit})",
+         f"{number(overall['length_before']['mean'])} -> {number(overall['length_after']['mean'])}"],
+        [f"median length before -> after ({unit})",
+         f"{number(overall['length_before']['median'])} -> {number(overall['length_after']['median'])}"],
+        ["length ratio (mean after / mean before)", number(overall["length_ratio"], 2)],
+        ["per-record length ratio: median [p25, p75]",
+         f"{number(ratios['median'], 2)} [{number(ratios['p25'], 2)}, {number(ratios['p75'], 2)}]"],
+        ["per-record length ratio: p5, p95", f"{number(ratios['p5'], 2)}, {number(ratios['p95'], 2)}"],
+    ])]
+    header = ["records", "rewritten", "changed", f"mean before ({unit})", "mean after", "length ratio",
+              "median ratio"]
+    group_rows = [breakdown_row(group, stats) for group, stats in summary["groups"].items()]
+    parts += ["## By task group", table(["group", *header], group_rows)]
+    parts += ["## By task", table(["task", "group", *header], [
+        [task, stats["group"], *breakdown_row(task, stats)[1:]] for task, stats in summary["tasks"].items()])]
+    records = overall["records"]
+    parts += ["## Filter tags and reject reasons",
+              table(["tag", "records", "share"],
+                    [[tag, f"{n:,}", percent(n / records)] for tag, n in overall["tags"].items()])]
+    if overall["reject_reasons"]:
+        parts.append(table(["reject reason", "records", "share"],
+                           [[r, f"{n:,}", percent(n / records)] for r, n in overall["reject_reasons"].items()]))
+    judges = summary.get("judges", {})
+    if judges:
+        parts.append("## Judges")
+    if "factuality" in judges:
+        f = judges["factuality"]
+        parts += [
+            f"### Factuality (judge {f['model']}, 1-10 against the reference)",
+            table(["", "original", "rewrite"], [
+                ["mean score", number(f["mean_original"], 2), number(f["mean_rewrite"], 2)],
+            ]),
+            table(["measure", "value"], [
+                ["records with a reference", f"{f['eligible']:,}"],
+                ["sampled", f"{f['sampled']:,}"],
+                ["both answers scored", f"{f['scored']:,}"],
+                ["mean difference (rewrite - original)", number(f["mean_difference"], 2)],
+                ["rewrite higher / equal / lower",
+                 f"{f['rewrite_higher']:,} / {f['equal']:,} / {f['rewrite_lower']:,}"],
+                ["identical texts (asked once)", f"{f['identical']:,}"],
+                ["unparsed after re-asking", f"{f['unparsed']:,}"],
+                ["no reply", f"{f['no_reply']:,}"],
+            ]),
+        ]
+    if "readability" in judges:
+        r = judges["readability"]
+        parts += [
+            f"### Readability (judge {r['model']}, rewrite vs original, both orders)",
+            table(["win", "tie", "loss", "pairs", "consistent pairs"], [[
+                f"{r['win']:,} ({percent(r['win_share'])})", f"{r['tie']:,} ({percent(r['tie_share'])})",
+                f"{r['loss']:,} ({percent(r['loss_share'])})", f"{r['counted']:,}",
+                f"{r['consistent']:,} ({percent(r['consistent_share'])})"]]),
+            (f"Sampled {r['sampled']:,} of {r['eligible']:,}; a verdict that flips with the order counts as a tie; "
+             f"{r['identical']:,} identical pair(s) counted as ties without asking (left out of the consistency "
+             f"share); {r['unparsed']:,} unparsed after re-asking, {r['no_reply']:,} without a reply."),
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+def readable(task):
+    return task.replace("_", " ")
+
+
+def draw_task_panel(ax, summary):
+    tasks = sorted(summary["tasks"].items(), key=lambda kv: (-(kv[1]["share_rewritten"] or 0), kv[0]))
+    groups = [*TASK_GROUPS, NO_GROUP]
+    colors = {g: f"C{i % 10}" for i, g in enumerate(TASK_GROUPS)}
+    colors[NO_GROUP] = "#bbbbbb"
+    names = [f"{readable(t)}  (n={s['records']:,})" for t, s in tasks]
+    shares = [100 * (s["share_rewritten"] or 0) for _, s in tasks]
+    positions = range(len(tasks))
+    ax.barh(positions, shares, color=[colors[s["group"]] for _, s in tasks])
+    ax.set_yticks(list(positions), names, fontsize=9)
+    ax.invert_yaxis()
+    for y, share in zip(positions, shares):
+        ax.text(share + 1, y, f"{share:.1f}%", va="center", fontsize=8)
+    overall = 100 * summary["overall"]["share_rewritten"]
+    ax.axvline(overall, color="black", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("records rewritten (%)")
+    threshold = summary["inputs"]["rewrite_threshold"]
+    ax.set_title(f"Share rewritten per task (word edit rate > {threshold:g})\ndashed: all records, {overall:.1f}%")
+    from matplotlib.patches import Patch
+
+    present = [g for g in groups if any(s["group"] == g for _, s in tasks)]
+    ax.legend(handles=[Patch(color=colors[g], label=g) for g in present], title="task group",
+              loc="lower right", fontsize=8, title_fontsize=8)
+
+
+RATIO_LIMIT = 16.0  # the histogram spans 1/16 .. 16; ratios beyond are drawn at the edges
+
+
+def draw_ratio_panel(ax, summary, overall_stats):
+    import math
+
+    rewritten = overall_stats.ratios((REWRITTEN,))
+    lightly = overall_stats.ratios((CHANGED,))
+    unchanged = summary["overall"]["records"] - summary["overall"]["changed"]
+    unit = summary["inputs"]["length_unit"]
+    title = f"Length ratio of the changed records (after / before, in {unit})"
+    ax.set_title(f"{title}\n{unchanged:,} unchanged record(s), ratio 1, not shown")
+    ax.set_xlabel(f"length after / length before ({unit}), log scale")
+    ax.set_ylabel("records")
+    values = rewritten + lightly
+    if not values:
+        ax.text(0.5, 0.5, "no changed record", ha="center", va="center", transform=ax.transAxes)
+        return
+    low, high = 1 / RATIO_LIMIT, RATIO_LIMIT
+    span = max(abs(math.log2(max(min(values), low))), abs(math.log2(min(max(values), high))), 1.0)
+    edges = [2 ** (-span + 2 * span * i / 40) for i in range(41)]
+
+    def clip(ratios):
+        return [min(max(r, edges[0]), edges[-1]) for r in ratios]
+
+    ax.hist([clip(rewritten), clip(lightly)], bins=edges, stacked=True, color=["C0", "C1"],
+            label=[f"rewritten (edit rate > {summary['inputs']['rewrite_threshold']:g}): {len(rewritten):,}",
+                   f"changed a little: {len(lightly):,}"])
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xscale("log", base=2)
+    ax.axvline(1, color="black", linestyle="--", linewidth=1)
+    ticks = [2 ** k for k in range(-int(span), int(span) + 1)]
+    ax.set_xticks(ticks, [f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+    ax.legend(fontsize=8)
+
+
+def draw_factuality_panel(ax, f):
+    ax.set_title(f"Factuality (judge {f['model']}), {f['scored']:,} record(s) scored\n"
+                 f"mean difference {number(f['mean_difference'], 2)}")
+    if not f["scored"]:
+        ax.text(0.5, 0.5, "no scored record", ha="center", va="center", transform=ax.transAxes)
+        return
+    values = [f["mean_original"], f["mean_rewrite"]]
+    bars = ax.bar(["original", "rewrite"], values, color=["C7", "C0"])
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.15, f"{value:.2f}", ha="center")
+    ax.set_ylim(0, 10.9)
+    ax.set_ylabel("mean score (1-10)")
+
+
+def draw_readability_panel(ax, r):
+    ax.set_title(f"Readability (judge {r['model']}): rewrite vs original, {r['counted']:,} pair(s)\n"
+                 f"both orders; consistent {percent(r['consistent_share'])}")
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("pairs (%)")
+    if not r["counted"]:
+        ax.text(0.5, 0.5, "no verdict", ha="center", va="center", transform=ax.transAxes)
+        return
+    left = 0.0
+    for outcome, color in zip(OUTCOMES, ("C2", "C7", "C3")):
+        width = 100 * r[f"{outcome}_share"]
+        ax.barh([0], [width], left=left, color=color, height=0.5,
+                label=f"{outcome}: {r[outcome]:,} ({width:.0f}%)")
+        if width >= 6:
+            ax.text(left + width / 2, 0, f"{outcome}\n{width:.0f}%", ha="center", va="center", color="white")
+        left += width
+    ax.set_ylim(-0.5, 0.9)
+    ax.legend(loc="upper center", ncols=3, fontsize=8, frameon=False)
+
+
+def draw_key_figures(ax, summary):
+    overall, unit = summary["overall"], summary["inputs"]["length_unit"]
+    threshold = summary["inputs"]["rewrite_threshold"]
+
+    def counts(counter):
+        return ", ".join(f"{name} {n:,}" for name, n in counter.items()) or "none"
+
+    rows = [
+        ("records", f"{overall['records']:,}"),
+        (f"rewritten (edit rate > {threshold:g})", f"{overall['rewritten']:,} ({percent(overall['share_rewritten'])})"),
+        ("changed at all", f"{overall['changed']:,} ({percent(overall['share_changed'])})"),
+        (f"mean length ({unit})", (f"{number(overall['length_before']['mean'])} -> "
+                                   f"{number(overall['length_after']['mean'])} "
+                                   f"(x{number(overall['length_ratio'], 2)})")),
+        (f"median length ({unit})",
+         f"{number(overall['length_before']['median'])} -> {number(overall['length_after']['median'])}"),
+        ("tags", counts(overall["tags"])),
+        ("reject reasons", counts(overall["reject_reasons"])),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [label.ljust(width) + value for label, value in rows]
+    ax.axis("off")
+    ax.set_title("Key figures")
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
+            transform=ax.transAxes, wrap=True)
+
+
+def render_charts(summary, overall_stats):
+    """A matplotlib Figure: tasks on the left; ratios and judge results on the right."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    judges = [j for j in JUDGES if j in summary.get("judges", {})]
+    heights = [4.0] + [3.2] * len(judges) + [2.2]  # ratios, judges, key figures (inches)
+    height = max(0.26 * len(summary["tasks"]) + 2.2, sum(heights) + 0.6)
+    figure = Figure(figsize=(16, height), layout="constrained")
+    grid = figure.add_gridspec(len(heights), 2, width_ratios=[1.15, 1], height_ratios=heights)
+    draw_task_panel(figure.add_subplot(grid[:, 0]), summary)
+    draw_ratio_panel(figure.add_subplot(grid[0, 1]), summary, overall_stats)
+    for row, judge in enumerate(judges, 1):
+        draw = draw_factuality_panel if judge == "factuality" else draw_readability_panel
+        draw(figure.add_subplot(grid[row, 1]), summary["judges"][judge])
+    draw_key_figures(figure.add_subplot(grid[-1, 1]), summary)
+    figure.suptitle(summary["headline"], fontsize=11)
+    return figure
+
+
+# -- writing ------------------------------------------------------------------------------
+
+def write_text_atomic(path, text):
+    _write_atomic(path, lambda f: f.write(text))
+
+
+def write_bytes_atomic(path, data):
+    # The atomic writer hands out a text file; nothing is written through its text layer,
+    # so the bytes can go straight to its binary buffer.
+    _write_atomic(path, lambda f: f.buffer.write(data))
+
+
+def png_bytes(figure):
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_output(path, document, spool, verdicts):
+    """The JSON output: ``document``'s figures, then "records", one compact line each, copied
+    from ``spool`` (with the verdicts of judged lines added)."""
+    def write(f):
+        head = json.dumps(document, indent=4, ensure_ascii=False)
+        f.write(head[:-2] + ',\n    "records": [')  # head ends with "\n}"
+        spool.seek(0)
+        separator = "\n        "
+        for line_number, line in enumerate(spool):
+            line = line.rstrip("\n")
+            if line_number in verdicts:
+                entry = json.loads(line)
+                entry.update(verdicts[line_number])
+                line = json.dumps(entry, ensure_ascii=False)
+            f.write(separator + line)
+            separator = ",\n        "
+        f.write("\n    ]\n}\n")
+
+    _write_atomic(path, write)
+
+
+# -- command line -------------------------------------------------------------------------
+
+def rate_threshold(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Measure what ReAlign did to a dataset (the paper's measures).")
+    parser.add_argument("--original_path", "--input_original_data_path", dest="original_path", required=True,
+                        help="the stage-3 input: the original records (JSON list or JSONL)")
+    parser.add_argument("--rewritten_path", "--input_rewrite_data_path", dest="rewritten_path", required=True,
+                        help="final.json of rewrite_data_selection.py (or the merged file); paired by id")
+    parser.add_argument("--output_path", default=None, help="JSON to write: every figure and one entry per record")
+    parser.add_argument("--report_path", default=None, help="Markdown report to write")
+    parser.add_argument("--plot_path", default=None, help="PNG to write: one image with all the charts")
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="Hugging Face tokenizer to count lengths in tokens (edit rates stay in words)")
+    parser.add_argument("--rewrite_threshold", type=rate_threshold, default=REWRITE_THRESHOLD,
+                        help=f"edit rate above which a response counts as rewritten (default {REWRITE_THRESHOLD}, "
+                             "the paper's)")
+    parser.add_argument("--allow_unpaired", action=argparse.BooleanOptionalAction, default=False,
+                        help="measure the paired records when some ids are in one file only (default: exit 2)")
+    parser.add_argument("--judge", action="append", choices=JUDGES, default=[],
+                        help="add a model judge (repeatable): factuality (needs --reference_path), readability")
+    parser.add_argument("--judge_model", default=DEFAULT_JUDGE_MODEL,
+                        help=f"judge model (default {DEFAULT_JUDGE_MODEL}, the paper's)")
+    parser.add_argument("--base_url", default=None,
+                        help="OpenAI-compatible endpoint for the judge (default: $OPENAI_BASE_URL or OpenAI)")
+    parser.add_argument("--reference_path", default=None,
+                        help="records whose items[1].value is the reference answer, paired by id (factuality)")
+    parser.add_argument("--judge_sample", type=positive_int, default=None,
+                        help="judge a seeded random sample of this many records (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --judge_sample (default 0)")
+    parser.add_argument("--max_judge_retries", type=non_negative_int, default=2,
+                        help="re-ask a reply without a well-formed verdict this many times, then count it "
+                             "apart (default 2)")
+    parser.add_argument("--max_cost", type=positive_float, default=None,
+                        help="stop sending judge requests once this many dollars are spent")
+    parser.add_argument("--dry_run", action=argparse.BooleanOptionalAction, default=False,
+                        help="count the judge requests and their cost without sending them")
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
+    args = parser.parse_args(argv)
+    args.judge = list(dict.fromkeys(args.judge))
+    if "factuality" in args.judge and not args.reference_path:
+        parser.error("--judge factuality needs --reference_path (the reference answers)")
+    return args
+
+
+def load_counter(tokenizer_path):
+    try:
+        return LengthCounter(tokenizer_path)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{tokenizer_path}: cannot load the tokenizer: {first_line}") from None
+
+
+def load_references(path):
+    """``{id: reference answer}``: items[1].value of each record of ``path``."""
+    return {record["id"]: record["items"][1]["value"] for record in iter_records(path, require_response=True)}
+
+
+def plot_link(report_path, plot_path):
+    """The chart's path relative to the report's folder, for the Markdown image link."""
+    if not plot_path:
+        return None
+    report_dir = os.path.dirname(os.path.abspath(report_path))
+    return os.path.relpath(os.path.abspath(plot_path), report_dir).replace(os.sep, "/")
+
+
+def check_paths(args):
+    outputs = [p for p in (args.output_path, args.report_path, args.plot_path) if p]
+    if len({os.path.realpath(p) for p in outputs}) < len(outputs):
+        raise InputError("--output_path, --report_path and --plot_path must be different files")
+    for path in (args.original_path, args.rewritten_path, args.reference_path):
+        if path:
+            refuse_overwriting_input(path, *outputs)
+
+
+def judge_samples(args, samplers, ask, summary):
+    """Run the judges on the samples; add their figures to ``summary["judges"]`` and return
+    ``{spool line: {judge: result}}`` for the per-record entries."""
+    samples = {judge: sampler.items() for judge, sampler in samplers.items()}
+    if "factuality" in samples and not samples["factuality"]:
+        raise InputError(f"{args.reference_path}: no id in common with {args.original_path}")
+    requests = sum(2 * len(items) for items in samples.values())
+    logger.info("judging with %s: %s (at most %d requests before re-asks)", args.judge_model,
+                ", ".join(f"{j} {len(items):,} record(s)" for j, items in samples.items()), requests)
+    results = asyncio.run(run_judges(samples, ask, args.max_judge_retries))
+    summary["judges"], verdicts = {}, defaultdict(dict)
+    for judge, by_line in results.items():
+        summary["judges"][judge] = SUMMARIZERS[judge](by_line, samplers[judge].offered, args.judge_model)
+        for line, result in by_line.items():
+            verdicts[line][judge] = result
+    return verdicts
+
+
+@exits_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    check_constants()
+    check_paths(args)
+    if args.reference_path and "factuality" not in args.judge:
+        logger.info("--reference_path is only read by --judge factuality; ignoring it")
+    ask = make_judge_ask(args) if args.judge else None
+    count_lengths = load_counter(args.tokenizer_path) if args.tokenizer_path else None
+    references = load_references(args.reference_path) if "factuality" in args.judge else {}
+    samplers = {judge: Sampler(args.judge_sample, args.seed) for judge in args.judge}
+    # The per-record entries wait in an anonymous temporary file (next to the output when its
+    # folder exists) until the figures that precede them in the JSON are known.
+    spool_dir = os.path.dirname(os.path.abspath(args.output_path)) if args.output_path else None
+    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=spool_dir if spool_dir and os.path.isdir(spool_dir)
+                                else None) as spool:
+        lines = 0
+
+        def on_record(entry, original, rewritten):
+            nonlocal lines
+            if args.output_path:
+                spool.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            for judge, sampler in samplers.items():
+                reference = references.get(original.id)
+                if judge == "factuality" and reference is None:
+                    continue
+                sampler.offer(original.id, lambda line=lines, reference=reference: JudgeItem(
+                    original.id, line, original.question, original.response, rewritten.response, reference))
+            lines += 1
+
+        summary, overall_stats = measure_files(args.original_path, args.rewritten_path, count_lengths,
+                                               args.allow_unpaired, args.rewrite_threshold, on_record)
+        verdicts = judge_samples(args, samplers, ask, summary) if args.judge else {}
+        document = {"headline": headline(summary), **summary}
+        # Render everything before writing anything: a failure leaves no half set of outputs.
+        report = render_report(document, plot_link(args.report_path, args.plot_path)) if args.report_path else None
+        image = png_bytes(render_charts(document, overall_stats)) if args.plot_path else None
+        if args.output_path:
+            spool.flush()
+            write_output(args.output_path, document, spool, verdicts)
+    if report is not None:
+        write_text_atomic(args.report_path, report)
+    if image is not None:
+        write_bytes_atomic(args.plot_path, image)
+    written = ", ".join(p for p in (args.output_path, args.report_path, args.plot_path) if p) or "nothing written"
+    logger.info("%s -> %s", document["headline"], written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
