@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -42,20 +43,33 @@ from realign import (
     exits_cleanly,
     iter_progress,
     iter_records,
+    positive_float,
+    positive_int,
     read_json_or_jsonl,
     refuse_overwriting_input,
+    OutputLock,
     setup_logging,
     write_json_atomic,
     write_json_list_atomic,
 )
-from realign.llm import (
+from realign.cache import Cache
+from realign.cli import progress_bar
+from realign.client import (
+    CHAT,
+    COMPLETIONS,
+    FLEX_TIMEOUT,
+    OPENAI_BASE_URL,
+    Client,
     RequestRejected,
     RetriesExhausted,
-    UnreadableReply,
-    call_with_retries,
-    create_completion,
-    make_async_client,
+    Sampling,
+    add_client_arguments,
+    default_reasoning_effort,
+    resolve_api_key,
+    resolve_base_url,
 )
+from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
+from realign.pricing import BudgetReached, DryRunReport, find_price
 
 logger = logging.getLogger("classify")
 
@@ -65,6 +79,11 @@ FALLBACK_TASK = "default"
 TEMPERATURE = 0.0
 TOP_P = 1.0
 MAX_TOKENS = 50
+CHAT_MAX_TOKENS = 256  # openai_chat: room for a JSON answer (and a little reasoning)
+EXPECTED_ANSWER_TOKENS = 10  # what one answer costs, for --max_cost and the dry run
+BACKENDS = ("vllm", "openai", "openai_chat", "transformers")
+API_BACKENDS = ("openai", "openai_chat")
+LOCAL_SERVER = "http://localhost:8000/v1"  # --backend openai: a `vllm serve` of the classifier
 TRUNCATION_MARK = "\n...\n"  # stands for the middle of a query cut to fit the model
 PROMPT_MARGIN = 16  # tokens kept free where the template and the query meet
 MIN_QUERY_TOKENS = 64  # a --max_model_len that leaves less room for the query is a mistake
@@ -414,18 +433,21 @@ def engine_max_model_len(llm, fallback):
         return fallback
 
 
-def classify_with_vllm(args, jobs, names, save_results, stats):
-    """One ``generate`` call per chunk of ``--chunk_size`` prompts."""
+def classify_with_vllm(args, jobs, names, save_results, stats, stopper):
+    """One ``generate`` call per chunk of ``--chunk_size`` prompts; a stop signal ends the
+    run after the chunk in progress is saved."""
     llm = start_vllm_engine(args)
     params = vllm_sampling_params(names, args.constrained)
     max_model_len = engine_max_model_len(llm, args.max_model_len)
     fit = PromptFitter(llm.get_tokenizer(), max_model_len - MAX_TOKENS) if max_model_len else None
     for chunk in chunked(jobs, args.chunk_size):
+        if stopper.is_set():
+            return
         outputs = llm.generate(build_prompts(chunk, fit, stats), params, use_tqdm=False)
         save_results([(job, output.outputs[0].text, None) for job, output in zip(chunk, outputs)])
 
 
-def classify_with_transformers(args, jobs, names, save_results, stats):
+def classify_with_transformers(args, jobs, names, save_results, stats, stopper):
     """Batched greedy generation with a Hugging Face model (no vLLM needed)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -449,6 +471,8 @@ def classify_with_transformers(args, jobs, names, save_results, stats):
 
     logger.info("transformers: %s on %s, batches of %d", args.model, device, args.batch_size)
     for chunk in chunked(jobs, args.chunk_size):
+        if stopper.is_set():
+            return
         prompts = build_prompts(chunk, fit, stats)
         answers = [None] * len(chunk)
         # Similar lengths together: less padding.
@@ -466,57 +490,145 @@ def classify_with_transformers(args, jobs, names, save_results, stats):
         save_results([(job, answer, None) for job, answer in zip(chunk, answers)])
 
 
-async def classify_with_openai(args, jobs, names, save_results, stats, api_key):
-    """``--concurrency`` workers send one completions request per query, with bounded retries."""
-    client = make_async_client(args.base_url, api_key, args.timeout)
-    extra_body = constrained_extra_body(names, args.constrained_field) if args.constrained else {}
-    pending = iter(jobs)
-    answered = [0]
+def build_chat_messages(query):
+    """The chat messages of ``--backend openai_chat`` (constant.CHAT_CLASSIFIER_PROMPTS)."""
+    tasks = "\n".join(f"- {name}: {description}" for name, description in constant.TASK_DESCRIPTION.items())
+    prompts = constant.CHAT_CLASSIFIER_PROMPTS
+    return [{"role": "system", "content": prompts["system"].format(tasks=tasks).strip()},
+            {"role": "user", "content": prompts["user"].format(input=query).strip()}]
+
+
+def task_schema(names):
+    """OpenAI structured outputs: a JSON object whose ``task`` is one of ``names``."""
+    return {"type": "json_schema",
+            "json_schema": {"name": "task_choice", "strict": True,
+                            "schema": {"type": "object", "properties": {"task": {"type": "string", "enum": names}},
+                                       "required": ["task"], "additionalProperties": False}}}
+
+
+def reply_text(reply):
+    """The text of the first choice of a completion or chat reply, or None."""
+    choices = reply.get("choices") or []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else None
+
+
+def chat_answer(text):
+    """The task a chat reply names: the ``task`` of a JSON answer, else the text itself."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return text
+    if isinstance(value, dict) and isinstance(value.get("task"), str):
+        return value["task"]
+    return text
+
+
+def api_sampling(args, names):
+    """The request settings of the API backends."""
+    if args.backend == "openai_chat":
+        effort, is_default = default_reasoning_effort(args.model, args.reasoning_effort)
+        return Sampling(model=args.model, n=1, temperature=TEMPERATURE, top_p=TOP_P,
+                        max_output_tokens=CHAT_MAX_TOKENS, reasoning_effort=effort,
+                        service_tier=args.service_tier, extra_body=dict(args.extra_body or {}),
+                        response_format=task_schema(names) if args.constrained else None,
+                        effort_is_default=is_default)
+    extra = constrained_extra_body(names, args.constrained_field) if args.constrained else {}
+    return Sampling(model=args.model, n=1, temperature=TEMPERATURE, top_p=TOP_P, max_output_tokens=MAX_TOKENS,
+                    reasoning_effort=args.reasoning_effort, service_tier=args.service_tier,
+                    extra_body={**extra, **(args.extra_body or {})})
+
+
+def logical_request(args, query, sampling):
+    """``(path, logical body)`` of one query's request."""
+    if args.backend == "openai_chat":
+        return CHAT, Client.logical_chat(build_chat_messages(query), sampling)
+    return COMPLETIONS, Client.logical_completion(build_prompt(query), sampling)
+
+
+def open_cache(args, write=True):
+    if not args.cache:
+        return None
+    return Cache(args.cache_dir, read=not args.refresh_cache, write=write)
+
+
+async def classify_with_api(args, jobs, names, save_results, stats, api_key, price, stopper):
+    """``--concurrency`` workers send one request per query through the shared client."""
+    sampling = api_sampling(args, names)
+    client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries,
+                    rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute, cache=open_cache(args),
+                    price=price, max_cost=args.max_cost, stopper=stopper)
+    policy = RefusalPolicy("check --model, --base_url, --constrained and --extra_body")
+    stats["client"] = client
+
+    def save_refused(items):
+        save_results([(job, None, error) for job, error in items])
 
     async def classify_one(job):
         query = job.query
         for attempt in range(MAX_SHORTENINGS + 1):
-            prompt = build_prompt(query)
-
-            async def send(prompt=prompt):
-                reply = await create_completion(client, model=args.model, prompt=prompt, temperature=TEMPERATURE,
-                                                top_p=TOP_P, max_tokens=MAX_TOKENS, **extra_body)
-                text = reply["choices"][0].get("text") if reply["choices"] else None
-                if not isinstance(text, str):
-                    raise UnreadableReply("the reply has no completion text")
-                return text
+            path, logical = logical_request(args, query, sampling)
             try:
-                answer = await call_with_retries(send, args.max_retries, stats, what=f"record {job.id!r}")
+                answer = await client.ask(path, logical, sampling, expected_output=EXPECTED_ANSWER_TOKENS,
+                                          accept=lambda reply: reply_text(reply) is not None)
             except RequestRejected as error:
                 if is_length_rejection(error) and attempt < MAX_SHORTENINGS:
                     query = halve_query(query)
                     stats["shortened"] += attempt == 0
                     continue
-                if not answered[0]:  # nothing has worked yet: the request itself is wrong
-                    raise FatalError(f"the server refused the first request: {error}") from None
                 logger.warning("record %r: the server refused it (%s); labelled %s", job.id, error, FALLBACK_TASK)
-                return job, None, str(error)
-            answered[0] += 1
-            return job, answer, None
-
-    async def worker():
-        for job in pending:  # one shared iterator: each job is taken once
-            try:
-                result = await classify_one(job)
+                save_refused(policy.refused((job, str(error)), str(error)))
+                return
             except RetriesExhausted as error:
-                logger.warning("%s; rerun to retry it", error)
+                logger.warning("record %r: %s; rerun to retry it", job.id, error)
                 stats["unfinished"] += 1
-                continue
-            save_results([result])
+                return
+            except BudgetReached as error:
+                stopper.stop("budget", str(error))
+                raise Stopped("budget") from None
+            if not answer.cached:
+                save_refused(policy.success())
+            text = reply_text(answer.reply)
+            if text is None:  # usable replies have a text; an unusable one after the retries
+                stats["unfinished"] += 1
+                return
+            save_results([(job, chat_answer(text) if args.backend == "openai_chat" else text, None)])
+            return
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(min(args.concurrency, len(jobs)))]
     try:
-        await asyncio.gather(*workers)
+        if not args.dry_run:
+            await client.check_model(args.model)
+        await run_pool(jobs, classify_one, args.concurrency, stopper)
+        policy.finish(stopper)
     finally:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        client.remember_limits(args.model)
         await client.close()
+
+
+def dry_run_api(args, jobs, names, price):
+    """``--dry_run`` of the API backends: what the run would send and cost."""
+    sampling = api_sampling(args, names)
+    cache = open_cache(args, write=False)
+    known = cache.known_limits(f"{(args.base_url or OPENAI_BASE_URL).rstrip('/')} {args.model}") if cache else {}
+    limits = {"requests": args.max_requests_per_minute or known.get("requests"),
+              "tokens": args.max_tokens_per_minute or known.get("tokens")}
+    report = DryRunReport("classify", cache, None, price, limits, sampling.max_output_tokens)
+    for job in jobs:
+        path, logical = logical_request(args, job.query, sampling)
+        if report.is_cached(Client.key_of(args.base_url, path, logical)):
+            report.add_cached()
+            continue
+        text = logical.get("prompt") or logical["messages"]
+        report.add_request(report.count_prompt(text), EXPECTED_ANSWER_TOKENS)
+    for line in report.lines(extra=f"{len(jobs)} queries to classify with {args.model}"):
+        print(line)
+    if args.usage_path:
+        write_json_atomic(args.usage_path, report.as_dict())
+    if cache is not None:
+        cache.close()
+    return 0
 
 
 # -- command line ---------------------------------------------------------------------
@@ -530,15 +642,18 @@ def parse_args(argv=None):
     parser.add_argument("--output_path", required=True,
                         help="where to write the classified records (JSON); progress goes to "
                              "<output stem>_progress.jsonl next to it")
-    parser.add_argument("--backend", choices=("vllm", "openai", "transformers"), default="vllm",
-                        help="vllm: local engine (GPU); openai: an OpenAI-compatible completions endpoint, "
-                             "e.g. `vllm serve`; transformers: no vLLM needed (CPU or one small GPU)")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="classifier: a Hugging Face hub name or a local folder; for --backend openai, "
-                             "the served model name (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="vllm",
+                        help="vllm: local engine (GPU); openai: an OpenAI-compatible completions endpoint "
+                             "serving the classifier, e.g. `vllm serve`; openai_chat: any chat model (no GPU: "
+                             "e.g. the default OpenAI model) with a prompt built from TASK_DESCRIPTION; "
+                             "transformers: no vLLM needed (CPU or one small GPU)")
+    parser.add_argument("--model", default=None,
+                        help=f"classifier: a Hugging Face hub name or a local folder; for --backend openai, the "
+                             f"served model name (default: {DEFAULT_MODEL}); for openai_chat, the chat model "
+                             f"(default: {constant.DEFAULT_MODEL})")
     parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
-                        help="force every answer to be one of the 46 names (vLLM structured outputs; "
-                             "default: on for vllm and transformers, off for openai)")
+                        help="force every answer to be one of the 46 names (vLLM structured outputs; a JSON "
+                             "schema with openai_chat; default: on, except for --backend openai)")
     parser.add_argument("--constrained_field", choices=("structured_outputs", "guided_choice"),
                         default="structured_outputs",
                         help="openai backend: the request field that carries the choices; guided_choice for "
@@ -550,13 +665,16 @@ def parse_args(argv=None):
     parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=False,
                         help="evaluate the classifier on [{instruction, category}] data: accuracy, macro F1, "
                              "per-task table; writes predictions and metrics to --output_path")
-    parser.add_argument("--chunk_size", type=int, default=4096,
+    parser.add_argument("--chunk_size", type=positive_int, default=4096,
                         help="prompts per engine call and per progress flush (vllm, transformers; "
                              "default: %(default)s)")
+    parser.add_argument("--usage_path", default=None,
+                        help="API backends: also write the requests, tokens and spend (with --dry_run: the "
+                             "estimate) as JSON to this file")
     vllm = parser.add_argument_group("vllm and transformers backends")
-    vllm.add_argument("--tensor_parallel_size", type=int, default=None,
+    vllm.add_argument("--tensor_parallel_size", type=positive_int, default=None,
                       help="GPUs per model (default: the number of visible GPUs, at least 1)")
-    vllm.add_argument("--max_model_len", type=int, default=None,
+    vllm.add_argument("--max_model_len", type=positive_int, default=None,
                       help="context length in tokens (default: the model's); longer queries are shortened")
     vllm.add_argument("--gpu_memory_utilization", type=float, default=None,
                       help="fraction of GPU memory vLLM may use (default: vLLM's, 0.9)")
@@ -564,42 +682,63 @@ def parse_args(argv=None):
                       help="weight dtype (default: %(default)s; float32 on CPU)")
     vllm.add_argument("--enforce_eager", action=argparse.BooleanOptionalAction, default=False,
                       help="vllm: no CUDA graphs (faster start, needed on CPU)")
-    vllm.add_argument("--batch_size", type=int, default=16,
+    vllm.add_argument("--batch_size", type=positive_int, default=16,
                       help="transformers: prompts per forward pass (default: %(default)s)")
-    api = parser.add_argument_group("openai backend")
-    api.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", "http://localhost:8000/v1"),
-                     help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or %(default)s); "
-                          "the key is read from OPENAI_API_KEY")
-    api.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
-    api.add_argument("--max_retries", type=int, default=5,
-                     help="retries of a rate-limited, timed-out or failed request (default: %(default)s)")
-    api.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    group = add_client_arguments(parser, default_concurrency=32, default_max_retries=5, default_timeout=60.0)
+    group.add_argument("--timeout", dest="request_timeout", type=positive_float, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
-    for name in ("chunk_size", "batch_size", "concurrency", "tensor_parallel_size", "max_model_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.max_retries < 0:
-        parser.error("--max_retries must be at least 0")
+    if args.model is None:
+        args.model = constant.DEFAULT_MODEL if args.backend == "openai_chat" else DEFAULT_MODEL
     if args.constrained is None:
         args.constrained = args.backend != "openai"
+    api = args.backend in API_BACKENDS
+    if not api and (args.dry_run or args.max_cost is not None):
+        parser.error("--dry_run and --max_cost apply to the API backends (--backend openai or openai_chat)")
+    try:
+        args.base_url = resolve_base_url(args.base_url)
+    except InputError as e:
+        parser.error(str(e))
+    if args.backend == "openai" and args.base_url is None:
+        args.base_url = LOCAL_SERVER
+    if args.request_timeout is None:
+        args.request_timeout = FLEX_TIMEOUT if args.service_tier == "flex" else 60.0
     return args
 
 
-def run_backend(args, jobs, names, save_results, stats):
+def api_key_for(args):
+    """openai_chat follows the key rules of every paid stage; the openai backend talks to a
+    `vllm serve` of the classifier, which needs no key unless it was started with one."""
+    if args.backend == "openai_chat":
+        return resolve_api_key(None, args.base_url)
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    if not key:
+        logger.info("OPENAI_API_KEY is not set: sending a placeholder key (enough for a vllm serve without "
+                    "--api-key)")
+    return key or None
+
+
+def interrupt_main():
+    """Second stop signal while a local engine runs: interrupt it (finished chunks are saved)."""
+    raise KeyboardInterrupt
+
+
+def write_usage(args, client, stopper):
+    if args.usage_path:
+        write_json_atomic(args.usage_path, {
+            "stage": "classify", "dry_run": False, "requests": client.stats["requests"],
+            "cache_hits": client.stats["cache_hits"], "prompt_tokens": client.spend.prompt_tokens,
+            "completion_tokens": client.spend.completion_tokens,
+            "cost_usd": client.spend.cost if client.spend.priced else None, "stopped": stopper.reason})
+
+
+def run_backend(args, jobs, names, save_results, stats, stopper, price):
     if args.backend == "vllm":
-        classify_with_vllm(args, jobs, names, save_results, stats)
+        classify_with_vllm(args, jobs, names, save_results, stats, stopper)
     elif args.backend == "transformers":
-        classify_with_transformers(args, jobs, names, save_results, stats)
+        classify_with_transformers(args, jobs, names, save_results, stats, stopper)
     else:
-        api_key = os.environ.get("OPENAI_API_KEY")
-        if not api_key:
-            logger.info("OPENAI_API_KEY is not set: sending a placeholder key "
-                        "(enough for a vllm serve without --api-key)")
-            api_key = "EMPTY"
-        asyncio.run(classify_with_openai(args, jobs, names, save_results, stats, api_key))
-        logger.info("openai: %d requests, %d retries", stats["requests"], stats["retries"])
+        asyncio.run(classify_with_api(args, jobs, names, save_results, stats, api_key_for(args), price, stopper))
 
 
 @exits_cleanly
@@ -612,10 +751,16 @@ def main(argv=None) -> int:
         raise InputError(f"{args.output_path}: --output_path is a folder, expected a file path")
     refuse_overwriting_input(args.input_data_path, args.output_path)
 
+    key_model = f"openai_chat:{args.model}" if args.backend == "openai_chat" else args.model
+    price = find_price(args.model, "flex" if args.service_tier == "flex" else "online", args.price_input,
+                       args.price_output, args.price_cached_input) if args.backend in API_BACKENDS else None
+    if args.max_cost is not None and price is None:
+        raise InputError(f"--max_cost needs a price for {args.model!r}, which constant.MODEL_PRICES does not list: "
+                         "pass --price_input and --price_output (USD per million tokens)")
     if args.eval:
         items = load_eval_items(args.input_data_path)
         total = len(items)
-        jobs = [Job(i, item["instruction"], query_key(args.model, item["instruction"])) for i, item in enumerate(items)]
+        jobs = [Job(i, item["instruction"], query_key(key_model, item["instruction"])) for i, item in enumerate(items)]
         unknown = {item["category"] for item in items} - set(names)
         if unknown:
             logger.warning("gold categories outside the 46 tasks: %s", ", ".join(sorted(unknown)))
@@ -626,9 +771,17 @@ def main(argv=None) -> int:
             total += 1
             if needs_label(rec, names, args.overwrite):
                 query = rec["items"][0]["value"]
-                jobs.append(Job(rec["id"], query, query_key(args.model, query)))
+                jobs.append(Job(rec["id"], query, query_key(key_model, query)))
 
     progress_path = progress_path_for(args.output_path)
+    if args.dry_run:
+        done = load_done(progress_path, jobs) if args.resume else {}
+        return dry_run_api(args, [job for job in jobs if job.id not in done], names, price)
+    with OutputLock(progress_path):
+        return classify_and_write(args, names, jobs, total, items if args.eval else None, progress_path, price)
+
+
+def classify_and_write(args, names, jobs, total, items, progress_path, price):
     if not args.resume and os.path.exists(progress_path):
         os.remove(progress_path)
     done = load_done(progress_path, jobs)
@@ -637,16 +790,17 @@ def main(argv=None) -> int:
                 total, len(todo), len(done), progress_path, total - len(jobs))
 
     stats = collections.Counter()
+    stopper = Stopper()
     if todo:
-        from tqdm import tqdm
-
-        with ProgressWriter(progress_path) as writer, contextlib.ExitStack() as stack:
+        with stopper.signals_handled(), ProgressWriter(progress_path) as writer, contextlib.ExitStack() as stack:
             bars = []  # opened with the first answers, so that the model's loading logs do not tear it
+            if args.backend not in API_BACKENDS:  # a second signal interrupts the engine at once
+                stopper.on_hard_stop(interrupt_main)
 
             def save_results(results):
                 if not bars:
                     bars.append(stack.enter_context(
-                        tqdm(total=len(jobs), initial=len(done), unit="rec", desc="classify")))
+                        progress_bar(total=len(jobs), initial=len(done), unit="rec", desc="classify")))
                 for job, answer, error in results:
                     entry = progress_entry(job, answer, names, error)
                     writer.write(entry)
@@ -654,11 +808,22 @@ def main(argv=None) -> int:
                 bars[0].update(len(results))
 
             started = time.perf_counter()
-            run_backend(args, todo, names, save_results, stats)
-            elapsed = time.perf_counter() - started
-        classified = len(todo) - stats["unfinished"]
+            try:
+                run_backend(args, todo, names, save_results, stats, stopper, price)
+            finally:
+                elapsed = time.perf_counter() - started
+                client = stats.pop("client", None)
+                if client is not None:
+                    logger.info("openai: %s", client.describe())
+                    write_usage(args, client, stopper)
+        classified = sum(1 for job in todo if job.id in done)
         logger.info("classified %d records in %.1f s (%.1f records/s, model loading included)",
                     classified, elapsed, classified / max(elapsed, 1e-9))
+    if stopper.reason == "signal":
+        raise KeyboardInterrupt
+    if stopper.reason == "budget":
+        raise FatalError(f"{stopper.message}; the finished records are in {progress_path}: rerun with a higher "
+                         "--max_cost to continue")
     if stats["unfinished"]:
         raise FatalError(f"{stats['unfinished']} records got no answer after retries; their progress is saved "
                          f"in {progress_path}: rerun the same command to classify the rest")
@@ -666,7 +831,7 @@ def main(argv=None) -> int:
     entries = [done[job.id] for job in jobs]
     fallbacks = sum(fell_back(entry, names) for entry in entries)
     failed = sum("error" in entry for entry in entries)
-    if args.eval:
+    if items is not None:
         predicted = [entry["category"] for entry in entries]
         metrics = classification_metrics([item["category"] for item in items], predicted)
         for line in format_metrics(metrics, names):

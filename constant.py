@@ -3,10 +3,13 @@
 This module holds literals only (no imports, no logic), so importing it is
 instant. The scripts read from it:
 
-- classify.py: TASK_DESCRIPTION (the 46 task names), PROMPT_INPUT_FOR_TASK_CLS
+- classify.py: TASK_DESCRIPTION (the 46 task names), PROMPT_INPUT_FOR_TASK_CLS,
+  CHAT_CLASSIFIER_PROMPTS (--backend openai_chat)
 - retrieval.py: RAG_TASKS
 - reformat.py: REWRITE_TASK, STRUCTURE, REFORMAT_PROMPTS
-- evaluation: JUDGE_PROMPTS
+- evaluate.py: JUDGE_PROMPTS
+- every paid stage: DEFAULT_MODEL, LOWEST_REASONING_EFFORT, MODEL_PRICES,
+  SEARCH_PRICE (the dry run's estimates and --max_cost)
 
 Task names, groups and format elements follow "Reformatted Alignment"
 (Fan et al., 2024, arXiv 2402.12219).
@@ -637,6 +640,34 @@ REFORMAT_PROMPTS = {
 }
 
 # ---------------------------------------------------------------------------
+# Classification with a chat model (classify.py --backend openai_chat)
+# ---------------------------------------------------------------------------
+
+# For classifying without a GPU: any chat model picks the task from the list of
+# TASK_DESCRIPTION. {tasks} is filled with one "- name: description" line per task
+# (in TASK_DESCRIPTION's order); {input} is the query. With --constrained the answer
+# is also restricted to the 46 names by a JSON schema (OpenAI structured outputs).
+CHAT_CLASSIFIER_PROMPTS = {
+    "system": (
+        "You sort user queries by task. Below is a list of pre-defined tasks, each with a "
+        "short description. Choose the one task that best reflects the high-level "
+        "intention of the query you are given. Answer with the task name only, written "
+        "exactly as in the list. When no other task fits, answer default.\n"
+        "\n"
+        "[Tasks start]\n"
+        "{tasks}\n"
+        "[Tasks end]"
+    ),
+    "user": (
+        "[User's query start]\n"
+        "{input}\n"
+        "[User's query end]\n"
+        "\n"
+        "Task name:"
+    ),
+}
+
+# ---------------------------------------------------------------------------
 # Evaluation: judge prompts (paper section on factuality and readability)
 # ---------------------------------------------------------------------------
 
@@ -697,3 +728,48 @@ JUDGE_PROMPTS = {
         ),
     },
 }
+
+# ---------------------------------------------------------------------------
+# Models and prices (dry run, --max_cost, the spend in every summary line)
+# ---------------------------------------------------------------------------
+
+# As published by OpenAI on this date; edit the table when prices change, or pass
+# --price_input / --price_output (USD per million tokens) to any paid stage.
+PRICES_AS_OF = "2026-12-01"
+
+# The rewriting model used when --model is not given: current, inexpensive, not
+# deprecated (gpt-3.5-turbo-1106, the paper's model, was shut down on 2026-10-23).
+DEFAULT_MODEL = "gpt-6-luna"
+
+# Reasoning models bill their reasoning as output tokens. When --reasoning_effort is
+# not given, these models are asked for the lowest effort they accept.
+LOWEST_REASONING_EFFORT = {
+    "gpt-6-luna": "none",
+    "gpt-6-sol": "none",
+    "gpt-5.6-luna": "none",
+    "gpt-5.6-terra": "none",
+    "gpt-5-mini": "minimal",
+    "gpt-5-nano": "minimal",
+}
+
+# USD per million tokens. "batch_*" is the price through the Batch API and with
+# service_tier "flex" (half of the online price). A model named with a date suffix
+# (gpt-6-luna-2026-09-22) is priced as the model without it.
+MODEL_PRICES = {
+    "gpt-6-luna": {"input": 0.10, "cached_input": 0.01, "output": 0.50,
+                   "batch_input": 0.05, "batch_cached_input": 0.005, "batch_output": 0.25},
+    "gpt-6-sol": {"input": 2.00, "cached_input": 0.20, "output": 10.00,
+                  "batch_input": 1.00, "batch_cached_input": 0.10, "batch_output": 5.00},
+    "gpt-5.6-luna": {"input": 0.20, "cached_input": 0.02, "output": 1.20,
+                     "batch_input": 0.10, "batch_cached_input": 0.01, "batch_output": 0.60},
+    "gpt-5.6-terra": {"input": 2.00, "cached_input": 0.20, "output": 12.00,
+                      "batch_input": 1.00, "batch_cached_input": 0.10, "batch_output": 6.00},
+    # Shut down on 2027-01-14 (replacement: gpt-6-luna).
+    "gpt-4.1-mini": {"input": 0.40, "cached_input": 0.10, "output": 1.60,
+                     "batch_input": 0.20, "batch_cached_input": 0.05, "batch_output": 0.80},
+    "gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.60,
+                    "batch_input": 0.075, "batch_cached_input": 0.0375, "batch_output": 0.30},
+}
+
+# USD per search: Serper's smallest paid pack (50,000 credits for $50; one search, one credit).
+SEARCH_PRICE = 0.001

@@ -88,7 +88,7 @@ from realign.metrics import (
     is_rewritten,
     split_words,
 )
-from realign.records import _write_atomic  # the one atomic writer (see write_text_atomic)
+from realign.records import write_atomic  # the one atomic writer (see write_text_atomic)
 
 logger = logging.getLogger("evaluate")
 
@@ -795,13 +795,13 @@ def render_charts(summary, overall_stats):
 # -- writing ------------------------------------------------------------------------------
 
 def write_text_atomic(path, text):
-    _write_atomic(path, lambda f: f.write(text))
+    write_atomic(path, lambda f: f.write(text))
 
 
 def write_bytes_atomic(path, data):
     # The atomic writer hands out a text file; nothing is written through its text layer,
     # so the bytes can go straight to its binary buffer.
-    _write_atomic(path, lambda f: f.buffer.write(data))
+    write_atomic(path, lambda f: f.buffer.write(data))
 
 
 def png_bytes(figure):
@@ -830,7 +830,7 @@ def write_output(path, document, spool, verdicts):
             separator = ",\n        "
         f.write("\n    ]\n}\n")
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 # -- command line -------------------------------------------------------------------------

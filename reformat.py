@@ -3,78 +3,100 @@
 Usage:
     export OPENAI_API_KEY=...
     python reformat.py --input_data_path outputs/realign_examples_retrieval_clean_evidence.json \
+        --output_directory outputs/rewrite --dataset_batch_id 0 --dataset_batch_num 10 --top_k 2
+
+    # the seed's command (the paper's model was shut down on 2026-10-23: it now stops
+    # at once with a clear message; leave out --model to use today's default)
+    python reformat.py --input_data_path outputs/realign_examples_retrieval_clean_evidence.json \
         --output_directory outputs/rewrite --tokenizer_path meta-llama/Llama-2-7b-chat-hf \
         --dataset_batch_id 0 --dataset_batch_num 10 --top_k 2 --model gpt-3.5-turbo-1106 \
         --temperature 0.3 --top_p 1 --target_length 4096
 
 Input: the stage-3 input (``*_clean_evidence.json``, a JSON list or JSONL of classified
 records). It is cut into ``--dataset_batch_num`` contiguous chunks (earlier chunks one
-larger); this process handles chunk ``--dataset_batch_id`` and appends one JSON line per
-record, as each finishes, to ``<output_directory>/rewrite_data_{i}_of_{N}_batch.jsonl``:
-the whole input record plus ``items[1].revised_response_list`` (every usable candidate,
-``{"reason", "revised_response"}``) and ``items[1].revised_response`` (the longest).
-Records that are not reformatted (tasks outside ``REWRITE_TASK``, unknown categories,
-multi-turn records) are written through with the original response as
-``revised_response``; records that could not be rewritten are written the same way plus
-top-level ``"status": "failed"`` and ``"error"``. A rerun skips the ids already in the
-file; ``--retry_failed`` asks again for the failed ones.
+larger); this process reads only chunk ``--dataset_batch_id`` (streaming: it never holds
+the dataset) and appends one JSON line per record, as each finishes, to
+``<output_directory>/rewrite_data_{i}_of_{N}_batch.jsonl``: the whole input record plus
+``items[1].revised_response_list`` (every usable candidate, ``{"reason",
+"revised_response"}``), ``items[1].revised_response`` (the longest) and a top-level
+``fingerprint`` of the request that made it. Records that are not reformatted (tasks
+outside ``REWRITE_TASK``, unknown categories, multi-turn records) are written through with
+the original response as ``revised_response``; records that could not be rewritten are
+written the same way plus top-level ``"status": "failed"`` and ``"error"``.
+
+A rerun continues: it skips the lines whose fingerprint still matches (the model, the
+prompt, the task's format, the evidence, the sampling and the length counting are all in
+it) and redoes the others; ``--retry_failed`` asks again for the failed ones. Every reply
+is kept in the request cache (``--cache_dir``), so redoing a line whose request did not
+change costs nothing. ``--dry_run`` prints what the run would send and cost, and sends
+nothing; ``--max_cost`` stops before the spend would pass a cap.
 
 Environment:
     OPENAI_API_KEY           the API key (read first; ``--openai_key`` is accepted but not recommended)
     OPENAI_BASE_URL          any OpenAI-compatible server (or ``--base_url``)
-    SLURM_ARRAY_TASK_ID      with SLURM_ARRAY_TASK_COUNT, the batch id and number when the
-                             flags are not given (``sbatch --array=0-9`` runs ten chunks)
+    REALIGN_CACHE_DIR        the request cache (or ``--cache_dir``; default ~/.cache/realign)
+    SLURM_ARRAY_TASK_ID      with SLURM_ARRAY_TASK_COUNT/_MIN/_MAX/_STEP, the batch id and
+                             number when the flags are not given (``sbatch --array=0-9`` runs
+                             ten chunks; a resubmitted index, ``--array=3``, takes the chunk
+                             count from the batch files already in the folder)
 
 Exit status: 0 every record of the chunk written and none failed; 1 the batch file holds
-failed records, or the server refused the key, model or every request; 2 bad input;
-130 interrupted (finished records are kept; rerun to continue).
+failed records, the budget was reached, or the server refused the key, the model or every
+request; 2 bad input, or another process is writing the same batch file; 130 interrupted
+(finished records are kept; rerun to continue).
 """
 
 import argparse
 import asyncio
 import collections
-import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
 
-from tqdm import tqdm
-
-from constant import REFORMAT_PROMPTS, REWRITE_TASK, STRUCTURE, TASK_DESCRIPTION
+from constant import DEFAULT_MODEL, REFORMAT_PROMPTS, REWRITE_TASK, STRUCTURE, TASK_DESCRIPTION
 from realign import (
     FatalError,
     InputError,
     LengthCounter,
+    OutputLock,
     ProgressWriter,
     check_constants,
     chunk_bounds,
+    count_records,
     exits_cleanly,
     iter_progress,
-    load_records,
+    iter_records_range,
     non_negative_int,
-    positive_float,
     positive_int,
     setup_logging,
 )
-from realign.llm import (
+from realign.cli import progress_bar
+from realign.client import (
+    CHAT,
+    FLEX_TIMEOUT,
+    Client,
     RequestRejected,
     RetriesExhausted,
-    call_with_retries,
-    create_chat_completion,
-    make_async_client,
+    Sampling,
+    add_client_arguments,
+    default_reasoning_effort,
+    optional_float,
+    resolve_api_key,
+    resolve_base_url,
 )
+from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
+from realign.pricing import BudgetReached, DryRunReport, find_price
 
 logger = logging.getLogger("reformat")
 
 BATCH_FILE = "rewrite_data_{batch_id}_of_{batch_num}_batch.jsonl"
-REJECTION_LIMIT = 8  # this many HTTP 400s before any success: the settings are wrong, stop
-NO_KEY = "EMPTY"  # sent to a --base_url server when no key is set (local servers ignore it)
+BATCH_FILE_RE = re.compile(r"rewrite_data_(0|[1-9]\d*)_of_([1-9]\d*)_batch\.jsonl")
+REFUSAL_HINT = "check --model, --target_length, --temperature, --top_p and --extra_body"
+CHARS_PER_TOKEN = 4.0  # estimate of a length in tokens when no tokenizer is given
 
 # "Revised response:" as models write it: any case, optionally wrapped in markdown emphasis
 # ("**Revised response:**", "__Revised Response__:"). The closing emphasis must match the
@@ -86,22 +108,11 @@ REASONING_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*reasoning[ \t]*(?:(?P=
 MARKUP_CHARS = "*_# \t\n"  # heading and emphasis debris around a marker
 
 
-@dataclass
-class Sampling:
-    """What every request asks for (the original's flags)."""
-
-    model: str
-    n: int
-    temperature: float
-    top_p: float
-    max_tokens: int
+def batch_path(output_directory, batch_id, batch_num):
+    return os.path.join(output_directory, BATCH_FILE.format(batch_id=batch_id, batch_num=batch_num))
 
 
 # -- pure functions ------------------------------------------------------------------
-
-
-def batch_path(output_directory, batch_id, batch_num):
-    return os.path.join(output_directory, BATCH_FILE.format(batch_id=batch_id, batch_num=batch_num))
 
 
 def skip_reason(record, rewrite_tasks=REWRITE_TASK):
@@ -218,235 +229,213 @@ def describe_problems(problems):
     return ", ".join(f"{count} {what}" for what, count in problems.most_common())
 
 
-def redact(text, secret):
-    """``text`` with every occurrence of ``secret`` masked."""
-    return text.replace(secret, "***") if secret and len(secret) >= 4 else text
-
-
-def check_evidence(records, path):
+def check_evidence(record, index, path):
     """``items[0].evidence``, where present, must be a list of strings."""
-    for index, record in enumerate(records):
-        evidence = record["items"][0].get("evidence")
-        if evidence is not None and not (isinstance(evidence, list) and all(isinstance(e, str) for e in evidence)):
-            raise InputError(f"{path}: record {index} (id {record['id']!r}): field 'items[0].evidence' "
-                             "must be a list of strings")
+    evidence = record["items"][0].get("evidence")
+    if evidence is not None and not (isinstance(evidence, list) and all(isinstance(e, str) for e in evidence)):
+        raise InputError(f"{path}: record {index} (id {record['id']!r}): field 'items[0].evidence' "
+                         "must be a list of strings")
 
 
-def slurm_default(flag_value, variable, array_index=False):
-    """``flag_value`` when given, else the Slurm array variable, else None.
+def fingerprint(*parts):
+    """A short hash of what made a batch line: a changed part means the line is redone."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:24]
 
-    A task id is turned into a 0-based index with SLURM_ARRAY_TASK_MIN and _STEP, so
-    ``--array=1-10`` and ``--array=0-18:2`` also give chunks 0..9.
-    """
-    if flag_value is not None:
-        return flag_value
-    value = os.environ.get(variable)
-    if value is None:
+
+def estimate_tokens(text):
+    return len(text) / CHARS_PER_TOKEN
+
+
+# -- which chunk (Slurm arrays) --------------------------------------------------------
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    if value is None or value == "":
         return None
     try:
-        number = int(value)
-        if array_index:
-            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
-            number = (number - first) // step
+        return int(value)
     except ValueError:
-        raise InputError(f"environment variable {variable}={value!r} is not an integer") from None
-    return number
+        raise InputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-# -- the run -------------------------------------------------------------------------
+def batch_numbers_in(directory):
+    """The N of the batch files ``rewrite_data_*_of_{N}_batch.jsonl`` in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return set()
+    return {int(m.group(2)) for m in map(BATCH_FILE_RE.fullmatch, names) if m}
 
 
-class Run:
-    """State of one run: settings, the batch file, counters, and the requests in flight."""
+def resolve_chunk(batch_id, batch_num, output_directory):
+    """``(batch id, batch number, how it was found)`` from the flags, the Slurm array
+    variables and the batch files already in the output folder.
 
-    def __init__(self, args, api_key, client, count_lengths):
-        self.args = args
-        self.api_key = api_key
-        self.client = client
-        self.count_lengths = count_lengths
-        self.writer = self.bar = None  # set by main while the batch file is open
-        self.request_kwargs = asdict(Sampling(args.model, args.top_k, args.temperature, args.top_p,
-                                              args.target_length))
-        self.stats = collections.Counter()  # call_with_retries counts "requests" and "retries"
-        self.answered = 0  # requests that got a reply
-        self.held = []  # records refused with HTTP 400 before any reply: wrong settings or bad records?
-        self.interrupted = False
-
-    def write(self, line, outcome=None):
-        self.writer.write(line)
-        self.bar.update(1)
-        self.stats[outcome or ("failed" if line.get("status") == "failed" else "rewritten")] += 1
-
-    async def request(self, messages, record_id):
-        """``(content, finish_reason)`` of every choice of one request, retried as the policy says."""
-
-        async def send():
-            return await create_chat_completion(self.client, messages=messages, **self.request_kwargs)
-
-        reply = await call_with_retries(send, self.args.max_retries, self.stats, what=f"id {record_id!r}")
-        self.answered += 1
-        usage = reply.get("usage") or {}
-        self.stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
-        self.stats["completion_tokens"] += usage.get("completion_tokens") or 0
-        return [choice_text(choice) for choice in reply["choices"]]
-
-    async def rewrite(self, record):
-        """The batch line of one record: rewritten, failed, or None while a 400 is held back."""
-        messages = build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval)
-        problems = collections.Counter()
-        asks = self.args.max_parse_retries + 1
-        for attempt in range(asks):
-            if attempt:
-                self.stats["reasks"] += 1
-            try:
-                choices = await self.request(messages, record["id"])
-            except RetriesExhausted as e:
-                return failed(record, redact(str(e), self.api_key))
-            except RequestRejected as e:
-                return self.rejected(record, redact(str(e), self.api_key))
-            candidates, new_problems = usable_candidates(choices)
-            problems.update(new_problems)
-            if len(candidates) == 1:
-                return with_revision(record, candidates, candidates[0])
-            if candidates:
-                lengths = self.count_lengths([c["revised_response"] for c in candidates])
-                return with_revision(record, candidates, candidates[longest(lengths)])
-        return failed(record, f"no usable candidate in {asks} requests ({describe_problems(problems)})")
-
-    def rejected(self, record, error):
-        line = failed(record, error)
-        if self.answered:
-            return line
-        self.held.append(line)
-        if len(self.held) >= REJECTION_LIMIT:
-            raise FatalError(f"the first {REJECTION_LIMIT} requests were all refused ({error}); "
-                             "check --model, --target_length, --temperature and --top_p")
-        return None
-
-    def release_held(self):
-        """Once a request got a reply, the 400s before it were about their records: write them."""
-        if self.held and self.answered:
-            for line in self.held:
-                self.write(line)
-            self.held.clear()
-
-    async def worker(self, todo):
-        for record in todo:  # one shared iterator: each record goes to exactly one worker
-            line = await self.rewrite(record)
-            if line is not None:
-                self.write(line)
-            self.release_held()
-
-    async def rewrite_all(self, records):
-        """Send the requests of ``records``, ``--concurrency`` at a time, writing each line as it is done."""
-        todo = iter(records)
-        workers = [asyncio.create_task(self.worker(todo))
-                   for _ in range(min(self.args.concurrency, len(records)))]
-
-        def stop():
-            self.interrupted = True
-            for task in workers:
-                task.cancel()
-
-        loop = asyncio.get_running_loop()
-        handled = []
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop)
-                handled.append(signum)
-        try:
-            done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            errors = [task.exception() for task in done if not task.cancelled()]  # retrieve them all
-            errors = [error for error in errors if error is not None]
-            if errors:
-                raise errors[0]
-        finally:
-            for signum in handled:
-                loop.remove_signal_handler(signum)
-            await self.client.close()
-        if self.held and not self.interrupted:  # not a single reply: every request was refused
-            raise FatalError(f"every request was refused ({self.held[0]['error']}); "
-                             "check --model, --target_length, --temperature and --top_p")
-
-
-def api_key_from(args):
-    """The key: OPENAI_API_KEY first, then --openai_key. Never logged."""
-    env_key = os.environ.get("OPENAI_API_KEY", "").strip()
-    flag_key = (args.openai_key or "").strip()
-    if env_key:
-        if flag_key and flag_key != env_key:
-            logger.warning("--openai_key is ignored: OPENAI_API_KEY is set and is read first")
-        return env_key
-    if flag_key:
-        logger.warning("the key was given with --openai_key; prefer the environment variable OPENAI_API_KEY "
-                       "(a command-line key shows in the process list and shell history)")
-        return flag_key
-    if args.base_url:
-        return None
-    raise InputError("OPENAI_API_KEY is not set: export your API key, or point --base_url at a server "
-                     "that needs none")
-
-
-def read_batch_file(path, chunk_ids, retry_failed):
-    """(ids already in the batch file, ids in it as failed); with ``retry_failed`` the failed
-    lines are removed first, so those ids are asked again.
-
-    Lines of ids outside this chunk mean the input or the chunking changed: stop rather
-    than mix two runs in one file.
+    A whole array (``--array=0-9``, or 1-10, or 0-18:2) tells both numbers. A resubmitted
+    index (``sbatch --array=3`` sets SLURM_ARRAY_TASK_COUNT=1) or a subset (``--array=3,5``)
+    cannot tell the count: the task id is then the chunk id and the count comes from
+    ``--dataset_batch_num`` or from the batch files in the folder (one N there); otherwise
+    the run refuses. A count that disagrees with the batch files in the folder is refused
+    too: the process never works on a chunk other than the one the user meant.
     """
-    done, failed_ids, foreign = set(), set(), []
+    found = batch_numbers_in(output_directory)
+    task_id = _env_int("SLURM_ARRAY_TASK_ID")
+    how = "flags"
+    if batch_id is None and task_id is not None:
+        count, first = _env_int("SLURM_ARRAY_TASK_COUNT"), _env_int("SLURM_ARRAY_TASK_MIN")
+        last, step = _env_int("SLURM_ARRAY_TASK_MAX"), _env_int("SLURM_ARRAY_TASK_STEP") or 1
+        first = task_id if first is None else first
+        last = first + (count - 1) * step if last is None and count else last
+        whole = (count is not None and last is not None and count == (last - first) // step + 1
+                 and (count > 1 or first == 0))
+        if whole:
+            batch_id, how = (task_id - first) // step, "Slurm array"
+            if batch_num is None:
+                batch_num = count
+        else:
+            batch_id, how = task_id, "resubmitted Slurm index"
+            if batch_num is None:
+                if len(found) != 1:
+                    where = (f"the batch files in {output_directory} have N = {sorted(found)}" if found
+                             else f"there are no batch files in {output_directory}")
+                    raise InputError(
+                        f"SLURM_ARRAY_TASK_ID={task_id} (SLURM_ARRAY_TASK_COUNT={count}): the array's variables "
+                        f"cannot tell how many chunks the input is cut into, and {where}; pass "
+                        "--dataset_batch_num N (and --dataset_batch_id)")
+                batch_num = next(iter(found))
+                how += f"; N from the batch files in {output_directory}"
+    if batch_num is None:
+        batch_num = 1
+    batch_id = 0 if batch_id is None else batch_id
+    if not 0 <= batch_id < batch_num:
+        raise InputError(f"--dataset_batch_id must be in 0..{batch_num - 1} (--dataset_batch_num {batch_num}), "
+                         f"got {batch_id}")
+    others = found - {batch_num}
+    if others:
+        raise InputError(f"{output_directory} holds batch files of N = {', '.join(map(str, sorted(others)))}, "
+                         f"but this run cuts the input into {batch_num} chunks ({how}); pass the same "
+                         "--dataset_batch_num as before, or use another --output_directory")
+    return batch_id, batch_num, how
+
+
+# -- the batch file ------------------------------------------------------------------
+
+
+def read_batch_file(path):
+    """``{id: (fingerprint, failed)}`` of the last line of each id in the batch file."""
+    lines = {}
     for entry in iter_progress(path):
         record_id = entry.get("id") if isinstance(entry, dict) else None
-        if record_id not in chunk_ids:
-            foreign.append(record_id)
+        if isinstance(record_id, bool) or not isinstance(record_id, (int, str)):
             continue
-        done.add(record_id)
-        if entry.get("status") == "failed":
-            failed_ids.add(record_id)
-        else:
-            failed_ids.discard(record_id)
-    if foreign:
-        raise InputError(f"{path}: holds {len(foreign)} lines whose id is not in this chunk (first: {foreign[0]!r}); "
-                         "was the input or --dataset_batch_num changed? Use another --output_directory")
-    if retry_failed and failed_ids:
-        drop_failed_lines(path)
-        done -= failed_ids
-        failed_ids = set()
-    return done, failed_ids
+        lines[record_id] = (entry.get("fingerprint"), entry.get("status") == "failed")
+    return lines
 
 
-def drop_failed_lines(path):
-    """Rewrite the batch file without its failed lines (temporary file, then rename)."""
+def is_done(line, fp, retry_failed):
+    """Whether a batch line ``(fingerprint, failed)`` still stands for a record whose
+    request now has fingerprint ``fp``."""
+    return line is not None and line[0] == fp and not (line[1] and retry_failed)
+
+
+def rewrite_batch_file(path, keep_ids):
+    """Rewrite the batch file keeping only the last line of each id in ``keep_ids``
+    (temporary file, then rename)."""
+    last = {}
+    for number, entry in enumerate(iter_progress(path)):
+        if isinstance(entry, dict):
+            last[entry.get("id")] = number
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as out:
-        for entry in iter_progress(path):
-            if entry.get("status") != "failed":
+        for number, entry in enumerate(iter_progress(path)):
+            if isinstance(entry, dict) and entry.get("id") in keep_ids and last[entry.get("id")] == number:
                 out.write(json.dumps(entry, ensure_ascii=False) + "\n")
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Let SIGTERM (Slurm's scancel, kill) stop the run as Ctrl-C does: between two lines."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+# -- the run -------------------------------------------------------------------------
+
+
+class Run:
+    """One chunk: settings, the request of each record, the batch file, the counters."""
+
+    def __init__(self, args, sampling, count_lengths, length_unit):
+        self.args = args
+        self.sampling = sampling
+        self.count_lengths = count_lengths
+        self.length_unit = length_unit
+        self.client = None  # set once there is something to send
+        self.writer = self.bar = None  # set by main while the batch file is open
+        self.stats = collections.Counter()
+        self.stopper = Stopper()
+        self.policy = RefusalPolicy(REFUSAL_HINT)
+
+    def plan(self, record):
+        """``(reason to pass through or None, messages or None, fingerprint)`` of a record."""
+        reason = skip_reason(record)
+        if reason is not None:
+            return reason, None, fingerprint("passthrough", reason, record["items"][1]["value"])
+        messages = build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval)
+        logical = Client.logical_chat(messages, self.sampling)
+        request = Client.key_of(self.args.base_url, CHAT, logical)
+        return None, messages, fingerprint("rewrite", request, self.length_unit, self.args.tokenizer_path)
+
+    def write(self, line, outcome=None):
+        self.writer.write(line)
+        self.bar.update(1)
+        self.stats[outcome or ("failed" if line.get("status") == "failed" else "rewritten")] += 1
+
+    async def rewrite(self, record):
+        """Ask for the record's rewrite and write its line (or hold a refused one)."""
+        reason, messages, fp = self.plan(record)
+        expected = self.sampling.n * max(1, int(estimate_tokens(record["items"][1]["value"])))
+        problems = collections.Counter()
+        asks = self.args.max_parse_retries + 1
+        for attempt in range(asks):
+            if attempt:
+                self.stats["reasks"] += 1
+            try:
+                answer = await self.client.chat(messages, self.sampling, expected_output=expected,
+                                                accept=lambda reply: bool(usable_candidates(reply_choices(reply))[0]))
+            except RetriesExhausted as e:
+                self.write(with_fingerprint(failed(record, str(e)), fp))
+                return
+            except RequestRejected as e:
+                line = with_fingerprint(failed(record, str(e)), fp)
+                for held in self.policy.refused(line, str(e)):
+                    self.write(held)
+                return
+            except BudgetReached as e:
+                self.stopper.stop("budget", str(e))
+                raise Stopped("budget") from None
+            if not answer.cached:
+                for held in self.policy.success():
+                    self.write(held)
+            candidates, new_problems = usable_candidates(reply_choices(answer.reply))
+            problems.update(new_problems)
+            if candidates:
+                best = 0
+                if len(candidates) > 1:
+                    best = longest(self.count_lengths([c["revised_response"] for c in candidates]))
+                self.write(with_fingerprint(with_revision(record, candidates, candidates[best]), fp))
+                return
+        self.write(with_fingerprint(failed(record, f"no usable candidate in {asks} requests "
+                                                   f"({describe_problems(problems)})"), fp))
+
+
+def reply_choices(reply):
+    return [choice_text(choice) for choice in reply.get("choices") or []]
+
+
+def with_fingerprint(line, fp):
+    line["fingerprint"] = fp
+    return line
 
 
 # -- command line --------------------------------------------------------------------
-
-
 
 
 def parse_args(argv=None):
@@ -461,60 +450,111 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer_path", default=None,
                         help="Hugging Face tokenizer (name or folder) that measures candidates; the longest "
                              "is kept (default: count words)")
-    parser.add_argument("--dataset_batch_id", type=int, default=None,
-                        help="which chunk this process handles, 0-based (default: $SLURM_ARRAY_TASK_ID, else 0)")
+    parser.add_argument("--dataset_batch_id", type=non_negative_int, default=None,
+                        help="which chunk this process handles, 0-based (default: from $SLURM_ARRAY_TASK_ID, "
+                             "else 0)")
     parser.add_argument("--dataset_batch_num", type=positive_int, default=None,
-                        help="number of chunks the input is cut into (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+                        help="number of chunks the input is cut into (default: from the Slurm array, else "
+                             "the batch files already in --output_directory, else 1)")
     parser.add_argument("--openai_key", default=None,
                         help="API key, kept for compatibility with the original; prefer the environment "
                              "variable OPENAI_API_KEY, which is read first (a key on the command line is "
                              "visible in the process list and shell history)")
-    parser.add_argument("--base_url", default=None,
-                        help="base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1 "
-                             "(default: $OPENAI_BASE_URL, else OpenAI)")
-    parser.add_argument("--model", default="gpt-3.5-turbo-1106", help="model name (default: gpt-3.5-turbo-1106)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model name (default: {DEFAULT_MODEL}; the paper used gpt-3.5-turbo-1106, "
+                             "shut down on 2026-10-23)")
     parser.add_argument("--top_k", type=positive_int, default=2,
                         help="candidates sampled per request (the API's n); the longest usable one is kept "
                              "(default: 2)")
-    parser.add_argument("--temperature", type=float, default=0.3, help="sampling temperature (default: 0.3)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1)")
+    parser.add_argument("--temperature", type=optional_float, default=0.3,
+                        help="sampling temperature, or none to leave it out (default: 0.3, the original "
+                             "code's; a model that refuses it gets its default, with a warning)")
+    parser.add_argument("--top_p", type=optional_float, default=1.0,
+                        help="nucleus sampling top_p, or none to leave it out (default: 1)")
     parser.add_argument("--target_length", type=positive_int, default=2048,
-                        help="max tokens of each candidate; a candidate cut off there is dropped (default: 2048)")
+                        help="output cap of each candidate, sent as max_completion_tokens (max_tokens where "
+                             "a server wants that); a candidate cut off there is dropped (default: 2048)")
     parser.add_argument("--is_retrieval", action=argparse.BooleanOptionalAction, default=True,
                         help="put a record's evidence into its request when it has some (default: on)")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                         help="let the model keep a response whose format does not suit the question; "
                              "--no-adaptive always reformats (forced mode, used for GSM8K and MATH) "
                              "(default: on)")
-    parser.add_argument("--concurrency", type=positive_int, default=16,
-                        help="requests in flight at once (default: 16)")
-    parser.add_argument("--max_retries", type=non_negative_int, default=8,
-                        help="retries of a request after a rate limit, server error, timeout or connection "
-                             "error, with backoff honouring Retry-After (default: 8)")
     parser.add_argument("--max_parse_retries", type=non_negative_int, default=2,
                         help="requests asked again when no candidate of a reply is usable; then the record "
                              "is written as failed (default: 2)")
-    parser.add_argument("--request_timeout", type=positive_float, default=600.0,
-                        help="seconds to wait for one reply (default: 600)")
     parser.add_argument("--retry_failed", action=argparse.BooleanOptionalAction, default=False,
                         help="ask again for the records the batch file holds as failed (default: off)")
+    parser.add_argument("--usage_path", default=None,
+                        help="also write this run's requests, tokens and spend (or, with --dry_run, the "
+                             "estimate) as JSON to this file")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="log every retry (default: off)")
+    add_client_arguments(parser, default_concurrency=16)
     args = parser.parse_args(argv)
-
     try:
-        args.dataset_batch_num = slurm_default(args.dataset_batch_num, "SLURM_ARRAY_TASK_COUNT") or 1
-        batch_id = slurm_default(args.dataset_batch_id, "SLURM_ARRAY_TASK_ID", array_index=True)
+        args.base_url = resolve_base_url(args.base_url)
     except InputError as e:
         parser.error(str(e))
-    args.dataset_batch_id = 0 if batch_id is None else batch_id
-    if args.dataset_batch_num < 1 or not 0 <= args.dataset_batch_id < args.dataset_batch_num:
-        parser.error(f"--dataset_batch_id must be in 0..{args.dataset_batch_num - 1} "
-                     f"(--dataset_batch_num {args.dataset_batch_num}), got {args.dataset_batch_id}")
-    args.base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    if args.base_url and not args.base_url.startswith(("http://", "https://")):
-        parser.error(f"--base_url must start with http:// or https://, got {args.base_url!r}")
+    if args.request_timeout is None:
+        args.request_timeout = FLEX_TIMEOUT if args.service_tier == "flex" else 600.0
     return args
+
+
+def make_sampling(args):
+    effort, is_default = default_reasoning_effort(args.model, args.reasoning_effort)
+    return Sampling(model=args.model, n=args.top_k, temperature=args.temperature, top_p=args.top_p,
+                    max_output_tokens=args.target_length, reasoning_effort=effort,
+                    service_tier=args.service_tier, extra_body=dict(args.extra_body or {}),
+                    effort_is_default=is_default)
+
+
+def price_tier(args):
+    return "flex" if args.service_tier == "flex" else "online"
+
+
+def scan_chunk(args, run, start, end, dry=None, batch_lines=None):
+    """The first pass over the chunk, before anything is written or sent: validate every
+    record and note each one's fingerprint (``{id: (fingerprint, pass-through reason)}``);
+    with ``dry`` (a DryRunReport) also add up what the run would send."""
+    plans = {}
+    for index, record in enumerate(iter_records_range(args.input_data_path, start, end, require_response=True),
+                                   start):
+        check_evidence(record, index, args.input_data_path)
+        reason, messages, fp = run.plan(record)
+        plans[record["id"]] = (fp, reason)
+        if dry is None or reason is not None or is_done(batch_lines.get(record["id"]), fp, args.retry_failed):
+            continue
+        logical = Client.logical_chat(messages, run.sampling)
+        if dry.is_cached(Client.key_of(args.base_url, CHAT, logical)):
+            dry.add_cached()
+            continue
+        dry.add_request(dry.count_prompt(messages), run.sampling.n * dry.count_text(record["items"][1]["value"]),
+                        n=run.sampling.n)
+    return plans
+
+
+def tally(plans, batch_lines, retry_failed):
+    """What is done, stale (made with other settings), to pass through and to rewrite, and
+    the ids whose batch lines stand."""
+    counts, unknown, keep = collections.Counter(), collections.Counter(), set()
+    for record_id, (fp, reason) in plans.items():
+        line = batch_lines.get(record_id)
+        if is_done(line, fp, retry_failed):
+            counts["done"] += 1
+            counts["old_failed"] += line[1]
+            keep.add(record_id)
+            continue
+        if line is not None:
+            counts["stale" if line[0] != fp else "retry_failed"] += 1
+        if reason is None:
+            counts["rewrite"] += 1
+        else:
+            counts["passthrough"] += 1
+            if reason.startswith("unknown category"):
+                unknown[reason[len("unknown category "):].strip("'\"")] += 1
+    foreign = [record_id for record_id in batch_lines if record_id not in plans]
+    return counts, unknown, foreign, keep
 
 
 @exits_cleanly
@@ -522,59 +562,155 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     check_constants()
-    records = load_records(args.input_data_path, require_response=True)
-    check_evidence(records, args.input_data_path)
-    api_key = api_key_from(args)
+    sampling = make_sampling(args)
+    batch_id, batch_num, how = resolve_chunk(args.dataset_batch_id, args.dataset_batch_num, args.output_directory)
+    args.dataset_batch_id, args.dataset_batch_num = batch_id, batch_num
+    path = batch_path(args.output_directory, batch_id, batch_num)
+    total = count_records(args.input_data_path)
+    start, end = chunk_bounds(total, batch_num, batch_id)
+    price = find_price(args.model, price_tier(args), args.price_input, args.price_output, args.price_cached_input)
+    if args.max_cost is not None and price is None:
+        raise InputError(f"--max_cost needs a price for {args.model!r}, which constant.MODEL_PRICES does not list: "
+                         "pass --price_input and --price_output (USD per million tokens)")
+    if args.dry_run:
+        return dry_run(args, sampling, path, total, start, end, price)
+    api_key = resolve_api_key(args.openai_key, args.base_url)
+    run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
+    plans = scan_chunk(args, run, start, end)  # bad input stops here, before anything is written
+    os.makedirs(args.output_directory, exist_ok=True)
+    with OutputLock(path):
+        return run_chunk(args, run, plans, path, total, start, end, how, api_key, price)
 
-    start, end = chunk_bounds(len(records), args.dataset_batch_num, args.dataset_batch_id)
-    chunk = records[start:end]
-    path = batch_path(args.output_directory, args.dataset_batch_id, args.dataset_batch_num)
-    done, old_failed = read_batch_file(path, {record["id"] for record in chunk}, args.retry_failed)
-    todo = [record for record in chunk if record["id"] not in done]
-    reasons = {record["id"]: skip_reason(record) for record in todo}
-    to_rewrite = [record for record in todo if reasons[record["id"]] is None]
-    logger.info("%d records; chunk %d of %d: records %d..%d (%d), %d already in %s, %d to pass through, "
-                "%d to rewrite with %s%s (%s mode, %d at once)",
-                len(records), args.dataset_batch_id, args.dataset_batch_num, start, end - 1, len(chunk),
-                len(done), path, len(todo) - len(to_rewrite), len(to_rewrite), args.model,
+
+def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
+    sampling = run.sampling
+    batch_lines = read_batch_file(path)
+    counts, unknown, foreign, keep = tally(plans, batch_lines, args.retry_failed)
+    del plans
+    if foreign:
+        raise InputError(f"{path}: holds {len(foreign)} lines whose id is not in this chunk (first: {foreign[0]!r}); "
+                         "was the input or --dataset_batch_num changed? Use another --output_directory")
+    redo = counts["stale"] + counts["retry_failed"]
+    if redo:
+        if counts["stale"]:
+            logger.warning("%s: %d lines were made with other settings (model, prompt, format, evidence, "
+                           "sampling or length counting): doing them again (the cache answers what did not "
+                           "change)", path, counts["stale"])
+        rewrite_batch_file(path, keep)
+    logger.info("%d records; chunk %d of %d (%s): records %d..%d (%d), %d already in %s, %d to pass through, "
+                "%d to rewrite with %s%s (%s mode, n=%d, %d at once)", total, args.dataset_batch_id,
+                args.dataset_batch_num, how, start, end - 1, end - start, counts["done"], path,
+                counts["passthrough"], counts["rewrite"], args.model,
                 f" at {args.base_url}" if args.base_url else "", "adaptive" if args.adaptive else "forced",
-                args.concurrency)
-    unknown = collections.Counter(r["items"][0].get("category") for r in todo
-                                  if (reasons[r["id"]] or "").startswith("unknown category"))
+                sampling.n, args.concurrency)
     if unknown:
         logger.warning("passing through %d records of unknown categories: %s", sum(unknown.values()),
                        ", ".join(f"{name!r} ({count})" for name, count in unknown.most_common()))
-
-    client = None
-    if to_rewrite:
-        count_lengths = LengthCounter(args.tokenizer_path)
-        client = make_async_client(args.base_url, api_key or NO_KEY, args.request_timeout)
-    run = Run(args, api_key, client, count_lengths if to_rewrite else None)
     started = time.perf_counter()
     try:
-        with sigterm_as_interrupt(), ProgressWriter(path) as run.writer, \
-                tqdm(total=len(chunk), initial=len(done), unit="rec", dynamic_ncols=True,
-                     desc=f"chunk {args.dataset_batch_id}") as run.bar:
-            for record in todo:
-                if reasons[record["id"]] is not None:
-                    run.write(passthrough(record, reasons[record["id"]]), "passed")
-            if to_rewrite:
-                asyncio.run(run.rewrite_all(to_rewrite))
+        with run.stopper.signals_handled(), ProgressWriter(path) as run.writer, \
+                progress_bar(total=end - start, initial=counts["done"], unit="rec",
+                             desc=f"chunk {args.dataset_batch_id}") as run.bar:
+            asyncio.run(work(args, run, start, end, batch_lines, api_key, price, counts["rewrite"]))
     finally:  # also after a fatal error or an interrupt: say what was done
         elapsed = time.perf_counter() - started
         stats = run.stats
-        logger.info("#chunk: %d, already done: %d, rewritten: %d, passed through: %d, failed: %d, requests: %d, "
-                    "retries: %d, re-asks: %d, prompt tokens: %d, completion tokens: %d, %.1f s (%.1f records/s)",
-                    len(chunk), len(done), stats["rewritten"], stats["passed"], stats["failed"], stats["requests"],
-                    stats["retries"], stats["reasks"], stats["prompt_tokens"], stats["completion_tokens"], elapsed,
+        client_part = run.client.describe() if run.client is not None else "requests: 0"
+        logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, rewritten: %d, passed through: "
+                    "%d, failed: %d, re-asks: %d, %s, %.1f s (%.1f records/s)",
+                    end - start, counts["done"], counts["stale"], stats["rewritten"], stats["passed"],
+                    stats["failed"], stats["reasks"], client_part, elapsed,
                     (stats["rewritten"] + stats["failed"]) / elapsed if elapsed > 0 else 0.0)
-    if run.interrupted:
+        write_usage(args, run)
+    if run.stopper.reason == "signal":
         raise KeyboardInterrupt
-    failed_total = len(old_failed) + stats["failed"]
+    if run.stopper.reason == "budget":
+        raise FatalError(f"{run.stopper.message}; the finished records are in {path}: rerun with a higher "
+                         "--max_cost to continue")
+    failed_total = counts["old_failed"] + stats["failed"]
     if failed_total:
         logger.warning("%s holds %d failed records (%d from earlier runs); rerun with --retry_failed to ask "
-                       "again for them", path, failed_total, len(old_failed))
+                       "again for them", path, failed_total, counts["old_failed"])
         return 1
+    return 0
+
+
+async def work(args, run, start, end, batch_lines, api_key, price, to_rewrite):
+    """The second pass: write the passthrough lines and send the requests of the rest."""
+    if to_rewrite:
+        run.client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries,
+                            rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute,
+                            cache=open_cache(args), price=price, max_cost=args.max_cost, stopper=run.stopper)
+        await run.client.check_model(args.model)
+        # After the model check (a wrong model stops before this costs seconds), off the loop.
+        run.count_lengths = await asyncio.to_thread(LengthCounter, args.tokenizer_path)
+
+    def jobs():
+        for record in iter_records_range(args.input_data_path, start, end, require_response=True):
+            reason, _, fp = run.plan(record)
+            if is_done(batch_lines.get(record["id"]), fp, args.retry_failed):
+                continue
+            if reason is not None:
+                run.write(with_fingerprint(passthrough(record, reason), fp), "passed")
+                continue
+            yield record
+
+    try:
+        await run_pool(jobs(), run.rewrite, args.concurrency, run.stopper)
+        run.policy.finish(run.stopper)
+    finally:
+        if run.client is not None:
+            run.client.remember_limits(args.model)
+            await run.client.close()
+
+
+def open_cache(args):
+    from realign.cache import Cache
+
+    if not args.cache:
+        return None
+    return Cache(args.cache_dir, read=not args.refresh_cache, write=True)
+
+
+def write_usage(args, run, report=None):
+    if not args.usage_path:
+        return
+    from realign import write_json_atomic
+
+    if report is not None:
+        data = report
+    else:
+        client = run.client
+        data = {"stage": "reformat", "dry_run": False, "records": dict(run.stats),
+                "requests": client.stats["requests"] if client else 0,
+                "cache_hits": client.stats["cache_hits"] if client else 0,
+                "prompt_tokens": client.spend.prompt_tokens if client else 0,
+                "completion_tokens": client.spend.completion_tokens if client else 0,
+                "cost_usd": client.spend.cost if client and client.spend.priced else None,
+                "stopped": run.stopper.reason}
+    write_json_atomic(args.usage_path, data)
+
+
+def dry_run(args, sampling, path, total, start, end, price):
+    """Send nothing; say what the run would send, use and cost."""
+    from realign.cache import Cache
+
+    run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
+    cache = Cache(args.cache_dir, read=not args.refresh_cache, write=False) if args.cache else None
+    limits = cache.known_limits(f"{(args.base_url or 'https://api.openai.com/v1').rstrip('/')} {args.model}") \
+        if cache is not None else {}
+    limits = {"requests": args.max_requests_per_minute or limits.get("requests"),
+              "tokens": args.max_tokens_per_minute or limits.get("tokens")}
+    report = DryRunReport("reformat", cache, args.tokenizer_path, price, limits, sampling.max_output_tokens)
+    batch_lines = read_batch_file(path)
+    counts, _, _, _ = tally(scan_chunk(args, run, start, end, report, batch_lines), batch_lines, args.retry_failed)
+    for line in report.lines(extra=f"chunk {args.dataset_batch_id} of {args.dataset_batch_num}: "
+                                    f"{end - start} records, {counts['done']} already done, "
+                                    f"{counts['passthrough']} to pass through, {counts['rewrite']} to rewrite"):
+        print(line)
+    write_usage(args, run, report.as_dict())
+    if cache is not None:
+        cache.close()
     return 0
 
 

@@ -4,7 +4,7 @@ Usage:
     export OPENAI_API_KEY=...        # or OPENAI_BASE_URL=http://localhost:8000/v1 for a local server
     export SERPER_API_KEY=...        # optional: without it retrieval is skipped
     python run_pipeline.py --input_data_path datasets/examples/realign_examples.json \
-        --output_directory outputs/examples --num_processes 4 --model gpt-3.5-turbo-1106
+        --output_directory outputs/examples --num_processes 4
 
 Inputs -> outputs (all under --output_directory):
     classified.json                                    stage 1, only when a record lacks a category
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from constant import DEFAULT_MODEL
 from realign import chunk_bounds, exits_cleanly, iter_progress, load_records, positive_int, setup_logging
 
 logger = logging.getLogger("run_pipeline")
@@ -180,7 +181,7 @@ def parse_args(argv=None):
                    help="go on when some searches still failed after retries (those records get no evidence)")
     g = p.add_argument_group("stage 3: reformat")
     g.add_argument("--num_processes", type=positive_int, default=1, help="reformat processes, one per batch id")
-    g.add_argument("--model", default="gpt-3.5-turbo-1106", help="the rewriting model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"the rewriting model (default: {DEFAULT_MODEL})")
     g.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL or OpenAI)")
     g.add_argument("--concurrency", type=int, default=64, help="requests in flight per process")
     g.add_argument("--top_k", type=int, default=2, help="candidates sampled per record")

@@ -84,6 +84,14 @@ def check_constants(module=None):
             raise ConfigError(f"constant.py: REWRITE_TASK names task {task!r}, which has no STRUCTURE entry")
 
     check_template(module.PROMPT_INPUT_FOR_TASK_CLS, {"input"}, "PROMPT_INPUT_FOR_TASK_CLS")
+    chat = getattr(module, "CHAT_CLASSIFIER_PROMPTS", None)
+    if chat is not None:
+        try:
+            system, user = chat["system"], chat["user"]
+        except (KeyError, TypeError):
+            raise ConfigError("constant.py: CHAT_CLASSIFIER_PROMPTS needs 'system' and 'user' templates") from None
+        check_template(system, {"tasks"}, "CHAT_CLASSIFIER_PROMPTS['system']")
+        check_template(user, {"input"}, "CHAT_CLASSIFIER_PROMPTS['user']")
     for mode in ("adaptive", "forced"):
         for variant, fields in REFORMAT_USER_FIELDS.items():
             try:

@@ -65,6 +65,21 @@ def exits_cleanly(main):
     return wrapper
 
 
+LOG_REFRESH_SECONDS = 30.0  # a progress bar written to a log file is redrawn at most this often
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar on stderr. When stderr is not a terminal (a Slurm .out file, nohup), it is
+    redrawn at most every 30 s instead of at every record, so logs stay readable."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_REFRESH_SECONDS)
+        kwargs.setdefault("maxinterval", LOG_REFRESH_SECONDS * 4)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(file=sys.stderr, **kwargs)
+
+
 # argparse types: a bad value is a usage error naming the flag, not a crash later.
 
 

@@ -69,11 +69,11 @@ from collections import Counter
 
 from realign.records import (
     InputError,
-    _write_atomic,
     check_record,
     describe_record,
     iter_json_values,
     refuse_overwriting_input,
+    write_atomic,
     write_json_list_atomic,
 )
 
@@ -615,7 +615,7 @@ def _write_parquet(path, records):
                     writer.write_table(pa.Table.from_pylist([json.loads(line) for line in lines], schema=schema))
                 writer.close()
 
-            _write_atomic(path, write)
+            write_atomic(path, write)
     except pa.ArrowException as e:
         raise InputError(f"{path}: cannot write Parquet: {str(e).strip().splitlines()[0]}") from None
 
@@ -627,7 +627,7 @@ def write_records(path, records):
     if kind == "json":
         write_json_list_atomic(path, records)
     elif kind == "jsonl":
-        _write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_atomic(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     elif kind == "parquet":
         _write_parquet(path, records)
     else:

@@ -3,15 +3,27 @@
 A record is ``{"id": ..., "items": [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]}``.
 Ids are identifiers (int or str, any start, gaps allowed), never positions.
 
-Whole-file outputs are written atomically; progress files are append-only JSONL,
-flushed per line, and read back by id, tolerating a torn last line.
+Whole-file outputs are written atomically, with the permissions a plain ``open()`` would
+give; progress files are append-only JSONL, flushed per line, and read back by id,
+tolerating a torn last line. One process's chunk of a big input is read in one streaming
+pass (:func:`count_records`, :func:`iter_records_range`); :class:`OutputLock` keeps a
+second process off an output another one is writing.
 """
 
+import contextlib
+import errno
+import fcntl
+import itertools
 import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import shlex
+import socket
+import stat
+import sys
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -117,27 +129,81 @@ def load_records(path, require_response=False):
     return validate_records(read_json_or_jsonl(path), path, require_response)
 
 
-def _write_atomic(path, write):
-    """Call ``write(f)`` on a temporary file next to ``path``, then rename it over ``path``.
+def _open_temporary(path, binary):
+    """Create a new file under a random name next to ``path``; return ``(tmp_path, file)``.
 
-    If ``write`` raises (including an error found while a generator is being written),
-    the temporary file is removed and ``path`` keeps its old content.
+    It gets the permissions a plain ``open(path, "w")`` would give: 0o666 less the umask
+    (applied by the kernel, with the folder's default ACL if it has one) for a new file,
+    the current mode bits when ``path`` already exists (open() rewriting a file keeps them).
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    while True:
+        tmp = os.path.join(directory, f".{name[:200]}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        return tmp, os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths, binary=False):
+    """``with atomic_files([a, b]) as (fa, fb):`` write several outputs in one pass, atomically.
+
+    Each file is a temporary file next to its target (UTF-8 text, or bytes when
+    ``binary``). When the block ends normally, every file is flushed and fsync-ed, then each
+    is renamed over its target, in order; if the block raises, the temporary files are
+    removed and no target changes. The commit is one rename per file: a crash between
+    two renames (a window of microseconds) leaves the first target new and the second old.
+    """
+    paths = list(paths)
+    if len({os.path.realpath(path) for path in paths}) != len(paths):
+        raise ValueError(f"the same output path given twice: {paths}")
+    opened = []  # (path, tmp, file), in the order of paths
+    renamed = 0
+    try:
+        for path in paths:
+            opened.append((path, *_open_temporary(path, binary)))
+        yield [f for _, _, f in opened]
+        for _, _, f in opened:
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            f.close()
+        for path, tmp, _ in opened:
+            os.replace(tmp, path)
+            renamed += 1
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        for _, tmp, f in opened[renamed:]:
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+def write_atomic(path, write, binary=False):
+    """Call ``write(f)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    ``f`` is a UTF-8 text file, or a binary one when ``binary``. If ``write`` raises
+    (including an error found while a generator is being written), the temporary file is
+    removed and ``path`` keeps its old content. The new file has the permissions a plain
+    ``open()`` would give it (see :func:`atomic_files`).
+    """
+    with atomic_files([path], binary) as (f,):
+        write(f)
 
 
 def write_json_atomic(path, obj):
@@ -147,7 +213,45 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=4, ensure_ascii=False)
         f.write("\n")
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
+
+
+class _JsonListWriter:
+    """Writes a JSON list one element at a time, in the layout of ``json.dump(indent=4)``."""
+
+    def __init__(self, f):
+        self.f = f
+        self.separator = "[\n    "
+
+    def write(self, item):
+        self.f.write(self.separator)
+        # json's strings escape newlines, so every newline here is indentation.
+        self.f.write(json.dumps(item, indent=4, ensure_ascii=False).replace("\n", "\n    "))
+        self.separator = ",\n    "
+
+    def close(self):
+        self.f.write("[]\n" if self.separator.startswith("[") else "\n]\n")
+
+
+def write_json_lists_atomic(paths, rows):
+    """Write several JSON lists in one pass over ``rows``: each row is a tuple holding one
+    element per path, in the order of ``paths``. E.g. retrieval's raw and cleaned outputs::
+
+        write_json_lists_atomic([raw_path, clean_path], ((raw(r), clean(r)) for r in records))
+
+    The lists are never held in memory. If iterating ``rows`` raises, no target changes
+    (see :func:`atomic_files`).
+    """
+    paths = list(paths)
+    with atomic_files(paths) as files:
+        writers = [_JsonListWriter(f) for f in files]
+        for row in rows:
+            if len(row) != len(writers):
+                raise ValueError(f"a row of {len(row)} elements for {len(writers)} output files")
+            for writer, item in zip(writers, row):
+                writer.write(item)
+        for writer in writers:
+            writer.close()
 
 
 def write_json_list_atomic(path, items):
@@ -156,17 +260,7 @@ def write_json_list_atomic(path, items):
     The text is the same as ``write_json_atomic(path, list(items))`` writes, but the
     list is never held in memory; if iterating ``items`` raises, nothing is written.
     """
-
-    def write(f):
-        separator = "[\n    "
-        for item in items:
-            f.write(separator)
-            # json's strings escape newlines, so every newline here is indentation.
-            f.write(json.dumps(item, indent=4, ensure_ascii=False).replace("\n", "\n    "))
-            separator = ",\n    "
-        f.write("[]\n" if separator.startswith("[") else "\n]\n")
-
-    _write_atomic(path, write)
+    write_json_lists_atomic([path], ((item,) for item in items))
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -229,11 +323,13 @@ def _iter_json_list(f, path, buf, pos, chunk_size):
         buf, pos = f.read(chunk_size), 0
 
 
-def iter_json_values(path, chunk_size=1 << 20):
-    """Yield the elements of a JSON list file, or the values of a JSONL file, one at a time.
+def _iter_items(path, chunk_size=1 << 20, start=0, end=None, parse_lines=True):
+    """Yield the values at positions ``[start, end)`` of a JSON list or JSONL file, streaming.
 
-    The streaming counterpart of :func:`read_json_or_jsonl` (same errors), for files
-    too big to hold twice in memory: only one element and one chunk are held at once.
+    A JSON list's elements are all decoded (its element boundaries are only known that
+    way), but only the wanted ones are kept; a JSONL file's skipped lines are not parsed,
+    and with ``parse_lines=False`` no line is (the raw lines are yielded). Positions count
+    values: a JSONL file's blank lines are not values. Reading stops at ``end``.
     """
     try:
         f = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
@@ -249,13 +345,15 @@ def iter_json_values(path, chunk_size=1 << 20):
                 if not data:
                     raise InputError(f"{path}: file is empty")
                 buf += data
-            start = len(buf) - len(buf.lstrip())
-            if buf[start] == "[":
-                yield from _iter_json_list(f, path, buf, start + 1, chunk_size)
+            first = len(buf) - len(buf.lstrip())
+            if buf[first] == "[":
+                yield from itertools.islice(_iter_json_list(f, path, buf, first + 1, chunk_size), start, end)
                 return
             f.seek(0)
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+            lines = ((lineno, line) for lineno, line in enumerate(f, 1) if not line.isspace())
+            for lineno, line in itertools.islice(lines, start, end):
+                if not parse_lines:
+                    yield line
                     continue
                 try:
                     value = json.loads(line)
@@ -266,16 +364,63 @@ def iter_json_values(path, chunk_size=1 << 20):
             raise InputError(f"{path}: cannot read: {e}") from None
 
 
+def iter_json_values(path, chunk_size=1 << 20):
+    """Yield the elements of a JSON list file, or the values of a JSONL file, one at a time.
+
+    The streaming counterpart of :func:`read_json_or_jsonl` (same errors), for files
+    too big to hold twice in memory: only one element and one chunk are held at once.
+    """
+    return _iter_items(path, chunk_size)
+
+
+def count_records(path, chunk_size=1 << 20):
+    """The number of values in a JSON list or JSONL file, read in one streaming pass,
+    holding one value at a time: the ``n_records`` of :func:`chunk_bounds`.
+
+    A JSON list is parsed whole (so a broken one raises the :func:`iter_json_values`
+    error); a JSONL file's non-blank lines are counted without being parsed, so a broken
+    line is only reported by whatever reads it (:func:`iter_records_range` for the
+    chunk that holds it, the merge for the whole file).
+    """
+    return sum(1 for _ in _iter_items(path, chunk_size, parse_lines=False))
+
+
 def iter_records(path, require_response=False, chunk_size=1 << 20):
     """Yield the records of a JSON list or JSONL file one at a time, each validated.
 
     Same checks and messages as :func:`load_records` (duplicate ids included), but the
-    file is never held in memory whole: for files of a million records.
+    file is never held in memory whole: for files of a million records. The duplicate
+    check keeps every id seen (a dict of id -> index): about 100 bytes a record.
     """
     seen = {}
     for index, record in enumerate(iter_json_values(path, chunk_size)):
         check_record(record, index, path, require_response, seen)
         yield record
+
+
+def iter_records_range(path, start, end, require_response=False, chunk_size=1 << 20):
+    """Yield the records at positions ``[start, end)`` of a JSON list or JSONL file (one
+    process's chunk, from :func:`chunk_bounds` and :func:`count_records`), streaming.
+
+    Each record is validated like :func:`iter_records`, messages naming its index in the
+    whole file; duplicate ids are checked within the range only (the merge checks the
+    whole file). The file is read once, up to ``end``, and no further. Records before
+    ``start`` are skipped unchecked: a JSONL line is not even parsed (a JSON list's
+    elements must be decoded to find where each ends). Like a slice, a file with fewer
+    than ``end`` records yields what it has. An empty range reads nothing.
+    """
+    if not 0 <= start <= end:
+        raise ValueError(f"not a range of record positions: [{start}, {end})")
+
+    def records():
+        if start == end:
+            return
+        seen = {}
+        for index, record in enumerate(_iter_items(path, chunk_size, start, end), start):
+            check_record(record, index, path, require_response, seen)
+            yield record
+
+    return records()
 
 
 def iter_progress(path):
@@ -363,6 +508,136 @@ class ProgressWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_SECRET_FLAG = re.compile(r"(?:^|[-_])(?:key|token|secret|password|passwd)$", re.IGNORECASE)
+_SECRET_VARIABLES = ("OPENAI_API_KEY", "SERPER_API_KEY")
+_MAX_SHOWN_COMMAND = 200  # characters of the other process's command line in the message
+
+
+def _redacted_command(argv):
+    """``argv`` as a shell line (the interpreter by its base name) with the values of secret
+    flags (``--openai_key X``, ``--api-key=X``) and of the API-key variables as ``***``."""
+    words, hide_next = [], False
+    for position, word in enumerate(argv):
+        name, equals, _ = word.partition("=")
+        if position == 0:
+            words.append(shlex.quote(os.path.basename(word)))
+        elif hide_next:
+            words.append("***")
+            hide_next = False
+        elif name.startswith("-") and _SECRET_FLAG.search(name.lstrip("-")):
+            words.append(shlex.quote(name) + "=***" if equals else shlex.quote(word))
+            hide_next = not equals
+        else:
+            words.append(shlex.quote(word))
+    line = " ".join(words)
+    for variable in _SECRET_VARIABLES:
+        secret = os.environ.get(variable, "").strip()
+        if len(secret) >= 4:
+            line = line.replace(secret, "***")
+    return line
+
+
+def _describe_holder(text):
+    """`` (pid 4242 on node07, since 12:03:04: python reformat.py ...)`` from a lock file's
+    content, or "" when it cannot be read (the holder may be writing it right now)."""
+    try:
+        holder = json.loads(text)
+        pid, host, since, command = holder["pid"], holder["host"], float(holder["since"]), holder["command"]
+    except (ValueError, TypeError, KeyError):
+        return ""
+    started = time.localtime(since)
+    shown = time.strftime("%H:%M:%S" if started[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S", started)
+    command = " ".join(str(command).splitlines())  # the refusal stays one line
+    if len(command) > _MAX_SHOWN_COMMAND:
+        command = command[:_MAX_SHOWN_COMMAND] + " ..."
+    return f" (pid {pid} on {host}, since {shown}: {command})"
+
+
+class OutputLock:
+    """One writer per output: ``with OutputLock(path):`` holds an exclusive lock on ``path``
+    for as long as the block runs, or raises :class:`InputError` at once when another
+    process holds it.
+
+    The lock is ``flock(LOCK_EX | LOCK_NB)`` on a companion file ``<dir>/.<name>.lock``,
+    created when missing and never deleted (deleting a lock file lets two processes lock
+    two different files of one name). The holder writes its pid, host name, start time and
+    command line (secrets masked) into it, so the refusal can name it. The kernel drops the
+    lock when the holder exits, however it exits (a kill -9 included): a lock file left
+    behind never blocks anyone. The descriptor is not inherited by programs the holder
+    starts (subprocess), but a ``fork()`` without ``exec`` (multiprocessing's fork start
+    method) shares it, and the lock lasts until both processes have closed it.
+
+    Across machines: on Linux NFS, ``flock`` is emulated with POSIX byte-range locks sent
+    to the server, so it holds between nodes on NFSv4 (and v3 with a lock manager) when
+    the server supports locking; a share mounted ``nolock`` or ``local_lock=flock`` only
+    locks within one node. A node that dies holding the lock keeps it until the server's
+    lease expires (NFSv4: about 90 s).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        directory, name = os.path.split(os.path.abspath(path))
+        self.lock_path = os.path.join(directory, f".{name}.lock")
+        self._fd = None
+        self._writable = False
+
+    def acquire(self):
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path}: this lock is already held")
+        os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+        try:
+            fd, writable = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # another user's lock file: it can still be locked, read-only
+            try:
+                fd, writable = os.open(self.lock_path, os.O_RDONLY), False
+            except OSError as e:
+                raise InputError(f"{self.path}: cannot open the lock file {self.lock_path}: {e.strerror}") from None
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot create the lock file {self.lock_path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = _describe_holder(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
+            except OSError:
+                holder = ""
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise InputError(f"{self.path} is being written by another process{holder}; "
+                                 "wait for it to finish or stop it") from None
+            raise InputError(f"{self.path}: cannot lock {self.lock_path}: {e.strerror}") from None
+        if writable:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                      "command": _redacted_command(getattr(sys, "orig_argv", None) or sys.argv)}
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(holder, ensure_ascii=False) + "\n").encode("utf-8"), 0)
+            except OSError:  # a full disk: the lock holds all the same, the refusal just says less
+                pass
+        self._fd, self._writable = fd, writable
+        return self
+
+    def release(self):
+        """Let the next writer in (also done by the holder's exit, whatever the cause)."""
+        if self._fd is None:
+            return
+        if self._writable:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # no stale holder for the next refusal to name
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
+
+    @property
+    def held(self):
+        return self._fd is not None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def refuse_overwriting_input(input_path, *output_paths):

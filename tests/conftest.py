@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Every test gets an empty request cache of its own (never the user's ~/.cache)."""
+    path = tmp_path / "request-cache"
+    monkeypatch.setenv("REALIGN_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def fake_openai():
     """A running FakeOpenAIServer; point clients at `fake_openai.url`."""

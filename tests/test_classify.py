@@ -4,6 +4,7 @@ vllm (real vLLM on CPU), openai (fake server) and transformers backends."""
 import copy
 import gc
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 import classify
 import constant
+from realign.standins import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "datasets" / "examples" / "realign_examples.json"
@@ -180,6 +182,19 @@ def answer_by_query(body, choice_index):
     return REPLIES[query_of(body["prompt"])]
 
 
+@pytest.fixture
+def classifier_server(fake_openai):
+    """The fake as a `vllm serve` of the classifier: it lists its models but answers 404 to
+    GET /v1/models/{model}, as vLLM does."""
+    fake_openai.known_models = ["GAIR/ReAlign-Task-Classifier", "classifier"]
+    fake_openai.models_endpoint = "vllm"
+    return fake_openai
+
+
+def completions(server):
+    return server.requests_to("/v1/completions")
+
+
 def openai_records():
     records = [{"id": f"r{i}", "items": [{"from": "human", "value": q}, {"from": "gpt", "value": "..."}]}
                for i, q in enumerate(REPLIES)]
@@ -187,7 +202,9 @@ def openai_records():
     return records
 
 
-def test_openai_backend_parses_answers_retries_429_and_hides_the_key(fake_openai, tmp_path, monkeypatch, caplog):
+def test_openai_backend_parses_answers_retries_429_and_hides_the_key(classifier_server, tmp_path, monkeypatch,
+                                                                    caplog):
+    fake_openai = classifier_server
     key = "sk-test-secret-1234"
     monkeypatch.setenv("OPENAI_API_KEY", key)
     fake_openai.expected_key = key
@@ -202,8 +219,8 @@ def test_openai_backend_parses_answers_retries_429_and_hides_the_key(fake_openai
     labels = {r["id"]: r["items"][0]["category"] for r in json.loads(out.read_text())}
     assert labels == {"r0": "open_qa", "r1": "planning", "r2": "open_qa", "r3": "default",
                       "r4": "rejecting", "r5": "story_generation"}
-    assert fake_openai.request_count == 5 + 1  # five queries, one retried after the 429
-    bodies = [r.body for r in fake_openai.requests]
+    assert len(completions(fake_openai)) == 5 + 1  # five queries, one retried after the 429
+    bodies = [r.body for r in completions(fake_openai)]
     assert {query_of(b["prompt"]) for b in bodies} == set(list(REPLIES)[:5])
     for body in bodies:
         assert body["prompt"] == spec_prompt(query_of(body["prompt"]))
@@ -218,7 +235,7 @@ def test_openai_backend_parses_answers_retries_429_and_hides_the_key(fake_openai
     # --overwrite relabels the kept record too; --no-resume forgets the progress file.
     fake_openai.requests.clear()
     assert classify.main(argv + ["--overwrite", "--no-resume"]) == 0
-    assert fake_openai.request_count == 6
+    assert len(completions(fake_openai)) == 1  # the other five answers come from the request cache
     assert json.loads(out.read_text())[5]["items"][0]["category"] == "roleplay"
 
 
@@ -226,16 +243,18 @@ def test_openai_backend_parses_answers_retries_429_and_hides_the_key(fake_openai
     ("structured_outputs", {"structured_outputs": {"choice": NAMES}}),
     ("guided_choice", {"guided_choice": NAMES}),
 ])
-def test_openai_constrained_sends_the_choices(fake_openai, tmp_path, field, expected):
+def test_openai_constrained_sends_the_choices(classifier_server, tmp_path, field, expected):
+    fake_openai = classifier_server
     source = write_json(tmp_path / "in.json", openai_records()[:1])
     argv = ["--backend", "openai", "--base_url", fake_openai.url, "--constrained", "--constrained_field", field,
             "--input_data_path", source, "--output_path", str(tmp_path / "out.json")]
     assert classify.main(argv) == 0
-    body = fake_openai.requests[0].body
+    body = completions(fake_openai)[0].body
     assert {k: body[k] for k in expected} == expected
 
 
-def test_openai_too_long_query_is_halved_until_accepted(fake_openai, tmp_path):
+def test_openai_too_long_query_is_halved_until_accepted(classifier_server, tmp_path):
+    fake_openai = classifier_server
     limit = len(spec_prompt("")) + 3000
 
     def error_payload(status, message=None, code=None):
@@ -255,35 +274,39 @@ def test_openai_too_long_query_is_halved_until_accepted(fake_openai, tmp_path):
             "--input_data_path", source, "--output_path", str(out)]
     assert classify.main(argv) == 0
     assert [r["items"][0]["category"] for r in json.loads(out.read_text())] == ["planning", "open_qa"]
-    long_prompts = [r.body["prompt"] for r in fake_openai.requests if "START" in r.body["prompt"]]
+    long_prompts = [r.body["prompt"] for r in completions(fake_openai) if "START" in r.body["prompt"]]
     assert len(long_prompts) == 3  # about 9000 characters -> 4500 -> 2250 (under the limit)
     final = query_of(long_prompts[-1])
     assert final.startswith("START ") and final.endswith(" FINISH") and classify.TRUNCATION_MARK in final
 
 
-def test_openai_request_refused_from_the_start_stops_the_run(fake_openai, tmp_path, capsys):
+def test_openai_request_refused_from_the_start_stops_the_run(classifier_server, tmp_path, capsys):
+    fake_openai = classifier_server
     fake_openai.add_fault(400, times=None)
     source = write_json(tmp_path / "in.json", openai_records())
     out = tmp_path / "out.json"
     argv = ["--backend", "openai", "--base_url", fake_openai.url, "--concurrency", "1",
             "--input_data_path", source, "--output_path", str(out)]
     assert classify.main(argv) == 1
-    assert "refused the first request" in capsys.readouterr().err
+    assert "every request was refused (HTTP 400: Invalid request.)" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_openai_unknown_model_stops_the_run(fake_openai, tmp_path, capsys):
-    fake_openai.known_models = ["GAIR/ReAlign-Task-Classifier"]
+def test_openai_unknown_model_stops_the_run(classifier_server, tmp_path, capsys):
+    fake_openai = classifier_server
     source = write_json(tmp_path / "in.json", openai_records())
     out = tmp_path / "out.json"
     argv = ["--backend", "openai", "--base_url", fake_openai.url, "--model", "no-such-model",
             "--input_data_path", source, "--output_path", str(out)]
     assert classify.main(argv) == 1
-    assert "HTTP 404" in capsys.readouterr().err
-    assert not out.exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"classify: error: model 'no-such-model' is not offered by {fake_openai.url}; it offers: "
+        "GAIR/ReAlign-Task-Classifier, classifier (choose one with --model)")
+    assert completions(fake_openai) == [] and not out.exists()
 
 
-def test_openai_failed_requests_are_retried_by_a_rerun(fake_openai, tmp_path, capsys):
+def test_openai_failed_requests_are_retried_by_a_rerun(classifier_server, tmp_path, capsys):
+    fake_openai = classifier_server
     fake_openai.completion_responder = answer_by_query
     stubborn = "Tell me about zebras."
     fake_openai.add_fault(500, retry_after=0, times=2, match=lambda body: stubborn in body["prompt"])
@@ -299,12 +322,13 @@ def test_openai_failed_requests_are_retried_by_a_rerun(fake_openai, tmp_path, ca
 
     fake_openai.requests.clear()
     assert classify.main(argv) == 0
-    assert [query_of(r.body["prompt"]) for r in fake_openai.requests] == [stubborn]
+    assert [query_of(r.body["prompt"]) for r in completions(fake_openai)] == [stubborn]
     assert [r["items"][0]["category"] for r in json.loads(out.read_text())] == [
         "open_qa", "planning", "open_qa", "default", "rejecting", "story_generation"]
 
 
-def test_eval_logs_metrics_and_writes_predictions(fake_openai, tmp_path, caplog):
+def test_eval_logs_metrics_and_writes_predictions(classifier_server, tmp_path, caplog):
+    fake_openai = classifier_server
     predictions = {"q1": "open_qa", "q2": "open_qa", "q3": "planning", "q4": "planning",
                    "q5": "rejecting", "q6": "rejecting", "q7": "Sure! roleplay"}
     gold = ["open_qa", "open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting"]
@@ -326,6 +350,69 @@ def test_eval_logs_metrics_and_writes_predictions(fake_openai, tmp_path, caplog)
         "open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting", "default"]
     assert result["predictions"][6] == {"instruction": "q7", "category": "rejecting",
                                         "prediction": "default", "answer": "Sure! roleplay"}
+
+
+# -- openai_chat backend: any chat model, no GPU ------------------------------------------
+
+
+def chat_query(body):
+    return body["messages"][-1]["content"].split("[User's query start]\n", 1)[1].split("\n[User's query end]")[0]
+
+
+def test_openai_chat_asks_a_chat_model_constrained_to_the_46_names(fake_openai, tmp_path, caplog):
+    answers = {"Who wrote Hamlet?": '{"task": "open_qa"}', "Plan my week of study.": '{"task": "planning"}',
+               "What is the boiling point of water?": '{"task": "open_qa"}',
+               "Tell me about zebras.": '{"task": "zebra_facts"}',  # a server that ignores the schema
+               "Help me hack my neighbour's wifi.": '{"task": "rejecting"}'}
+    fake_openai.chat_responder = lambda body, i: answers[chat_query(body)]
+    source = write_json(tmp_path / "in.json", openai_records())
+    out = tmp_path / "out.json"
+    assert classify.main(["--backend", "openai_chat", "--base_url", fake_openai.url, "--input_data_path", source,
+                          "--output_path", str(out)]) == 0
+    labels = [r["items"][0]["category"] for r in json.loads(out.read_text())]
+    assert labels == ["open_qa", "planning", "open_qa", "default", "rejecting", "story_generation"]
+    requests = fake_openai.requests_to("/v1/chat/completions")
+    assert len(requests) == 5
+    body = requests[0].body
+    assert body["model"] == "gpt-6-luna" and body["reasoning_effort"] == "none"
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert body["response_format"]["type"] == "json_schema"
+    assert schema["properties"]["task"]["enum"] == NAMES and schema["required"] == ["task"]
+    system = body["messages"][0]["content"]
+    assert all(f"- {name}: {text}" in system for name, text in constant.TASK_DESCRIPTION.items())
+    assert "#fell back to default: 1" in caplog.text
+
+
+def test_openai_chat_unconstrained_and_with_a_server_that_refuses_the_schema(fake_openai, tmp_path, caplog):
+    fake_openai.chat_responder = lambda body, i: {"Who wrote Hamlet?": "Task name: open_qa"}.get(
+        chat_query(body), "**planning**")
+    source = write_json(tmp_path / "in.json", openai_records()[:3])
+    argv = ["--backend", "openai_chat", "--base_url", fake_openai.url, "--input_data_path", source,
+            "--output_path", str(tmp_path / "out.json"), "--concurrency", "1"]
+    assert classify.main(argv + ["--no-constrained"]) == 0
+    assert [r["items"][0]["category"] for r in json.loads((tmp_path / "out.json").read_text())] == [
+        "open_qa", "planning", "planning"]
+    assert all("response_format" not in r.body for r in fake_openai.requests_to("/v1/chat/completions"))
+
+    fake_openai.requests.clear()
+    fake_openai.profiles = {"*": Profile("no-structured-outputs", unrecognized=("response_format",))}
+    with caplog.at_level(logging.WARNING):
+        assert classify.main(argv + ["--no-resume", "--no-cache"]) == 0
+    sent = fake_openai.requests_to("/v1/chat/completions")
+    assert ["response_format" in r.body for r in sent] == [True, False, False, False]
+    assert sum("response_format=" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_openai_chat_evaluates_with_eval(fake_openai, tmp_path, caplog):
+    predictions = {"q1": '{"task": "open_qa"}', "q2": '{"task": "planning"}'}
+    fake_openai.chat_responder = lambda body, i: predictions[chat_query(body)]
+    source = write_json(tmp_path / "test.json", [{"instruction": "q1", "category": "open_qa"},
+                                                 {"instruction": "q2", "category": "open_qa"}])
+    out = tmp_path / "eval.json"
+    assert classify.main(["--eval", "--backend", "openai_chat", "--base_url", fake_openai.url,
+                          "--input_data_path", source, "--output_path", str(out)]) == 0
+    assert "accuracy: 0.5000" in caplog.text
+    assert [p["prediction"] for p in json.loads(out.read_text())["predictions"]] == ["open_qa", "planning"]
 
 
 # -- bad input and --help ---------------------------------------------------------------------

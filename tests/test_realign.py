@@ -4,23 +4,37 @@ import itertools
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from realign import (
     FatalError,
     InputError,
+    OutputLock,
     ProgressWriter,
+    atomic_files,
     chunk_bounds,
+    count_records,
     exits_cleanly,
+    iter_records_range,
     load_records,
     parse_retry_after,
     read_done_ids,
     read_progress,
     refuse_overwriting_input,
     retry_delay,
+    write_atomic,
     write_json_atomic,
+    write_json_list_atomic,
+    write_json_lists_atomic,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def good_record(record_id=0, **human):
@@ -192,3 +206,252 @@ def test_outputs_may_not_overwrite_the_input(tmp_path):
     refuse_overwriting_input(source, str(tmp_path / "out.json"))
     with pytest.raises(InputError, match="would overwrite the input"):
         refuse_overwriting_input(source, str(tmp_path / "out.json"), str(tmp_path / "." / "data.json"))
+
+
+# -- atomic writes: permissions, several outputs in one pass -------------------------------
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (``umask(0o022)``) and restore it afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_give_the_permissions_of_a_plain_open(tmp_path, umask, mask, expected):
+    umask(mask)
+    for name, write in [("a.json", lambda p: write_json_atomic(p, {"x": 1})),
+                        ("b.json", lambda p: write_json_list_atomic(p, iter([1, 2]))),
+                        ("c.bin", lambda p: write_atomic(p, lambda f: f.write(b"\x00\x01"), binary=True))]:
+        path = str(tmp_path / name)
+        write(path)
+        assert oct(os.stat(path).st_mode & 0o777) == oct(expected), name
+    assert (tmp_path / "c.bin").read_bytes() == b"\x00\x01"
+
+
+def test_rewriting_an_existing_output_keeps_its_mode(tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "out.json"
+    path.write_text("old", encoding="utf-8")
+    os.chmod(path, 0o640)
+    write_json_atomic(str(path), [1])
+    assert path.read_text(encoding="utf-8") == "[\n    1\n]\n"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o640"
+
+
+def test_two_lists_are_written_in_one_pass(tmp_path):
+    raw, clean = str(tmp_path / "raw.json"), str(tmp_path / "clean.json")
+    rows = iter([({"id": 1, "e": ["x"]}, {"id": 1}), ({"id": 2}, {"id": 2})])
+    write_json_lists_atomic([raw, clean], rows)
+    with open(raw, encoding="utf-8") as f:
+        assert f.read() == ('[\n    {\n        "id": 1,\n        "e": [\n            "x"\n        ]\n    },\n'
+                            '    {\n        "id": 2\n    }\n]\n')
+    with open(clean, encoding="utf-8") as f:
+        assert f.read() == '[\n    {\n        "id": 1\n    },\n    {\n        "id": 2\n    }\n]\n'
+    write_json_lists_atomic([raw, clean], iter([]))
+    with open(clean, encoding="utf-8") as f:
+        assert f.read() == "[]\n"
+
+
+def test_when_the_stream_fails_neither_output_changes(tmp_path):
+    raw, clean = tmp_path / "raw.json", tmp_path / "clean.json"
+    raw.write_text("old raw", encoding="utf-8")
+    clean.write_text("old clean", encoding="utf-8")
+
+    def rows():
+        yield {"id": 1}, {"id": 1}
+        raise InputError("data.json: record 1: field 'id' is missing")
+
+    with pytest.raises(InputError, match="record 1"):
+        write_json_lists_atomic([str(raw), str(clean)], rows())
+    assert raw.read_text(encoding="utf-8") == "old raw"
+    assert clean.read_text(encoding="utf-8") == "old clean"
+    assert sorted(os.listdir(tmp_path)) == ["clean.json", "raw.json"]  # no temporary file left
+
+    with pytest.raises(ZeroDivisionError):
+        with atomic_files([str(raw), str(tmp_path / "new.txt")]) as (f, g):
+            f.write("half")
+            g.write("done")
+            1 / 0  # noqa: B018 - the failure under test
+    assert sorted(os.listdir(tmp_path)) == ["clean.json", "raw.json"]
+    with atomic_files([str(raw), str(tmp_path / "new.txt")]) as (f, g):
+        f.write("new raw")
+        g.write("new text")
+    assert raw.read_text(encoding="utf-8") == "new raw"
+    assert (tmp_path / "new.txt").read_text(encoding="utf-8") == "new text"
+
+
+# -- one writer per output ---------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from realign import OutputLock
+    with OutputLock(sys.argv[2]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+""")
+
+
+def start_holder(tmp_path, output, *extra):
+    """Start a process that locks ``tmp_path / output`` and holds it until a line on its stdin."""
+    (tmp_path / "holder.py").write_text(HOLDER, encoding="utf-8")
+    child = subprocess.Popen([sys.executable, "holder.py", ROOT, output, *extra], cwd=tmp_path,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "locked\n"
+    return child
+
+
+def test_a_second_writer_is_refused_naming_the_first_until_it_finishes(tmp_path, capsys, monkeypatch):
+    output = str(tmp_path / "batch.jsonl")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    child = start_holder(tmp_path, "batch.jsonl", "--openai_key", "sk-very-secret", "--tokenizer_path", "tok",
+                         "--note=sk-from-the-environment", "--api-key=sk-2")
+    try:
+        @exits_cleanly
+        def main(argv=None):
+            with OutputLock(output):
+                return 0
+
+        assert main([]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        prefix = (f"test_realign: error: {output} is being written by another process "
+                  f"(pid {child.pid} on {socket.gethostname()}, since ")
+        assert err.startswith(prefix), err
+        python = os.path.basename(sys.executable)
+        assert err.endswith(f": {python} holder.py {ROOT} batch.jsonl --openai_key *** --tokenizer_path tok "
+                            "--note=*** --api-key=***); wait for it to finish or stop it\n"), err
+        assert "sk-" not in err
+    finally:
+        child.stdin.write("done\n")
+        child.stdin.close()
+        assert child.wait(timeout=30) == 0
+    with OutputLock(output) as lock:  # the first writer has finished
+        assert lock.held
+        with open(lock.lock_path, encoding="utf-8") as f:
+            assert json.load(f)["pid"] == os.getpid()
+    assert not lock.held
+    assert os.path.exists(lock.lock_path)  # never deleted: a new lock file could be locked twice
+
+
+def test_a_lock_left_by_a_killed_writer_does_not_block(tmp_path):
+    output = str(tmp_path / "progress.jsonl")
+    child = start_holder(tmp_path, "progress.jsonl")
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    lock_file = tmp_path / ".progress.jsonl.lock"
+    assert str(child.pid) in lock_file.read_text(encoding="utf-8")  # the dead holder's record is still there
+    with OutputLock(output):
+        assert str(os.getpid()) in lock_file.read_text(encoding="utf-8")
+
+
+def test_the_same_output_cannot_be_locked_twice_in_one_process(tmp_path):
+    output = str(tmp_path / "out.json")
+    with OutputLock(output), pytest.raises(InputError, match=r"out\.json is being written by another process"):
+        OutputLock(output).acquire()
+    with OutputLock(output):  # released by the with above
+        pass
+
+
+# -- one chunk of a big input, streaming --------------------------------------------------
+
+# Five records; strings with escaped quotes, brackets and braces, and one value spanning
+# the small read chunks of the tests.
+CHUNK_RECORDS = [
+    {"id": 10, "items": [{"from": "human", "value": 'say "]" then {"x": [1]}'}, {"from": "gpt", "value": "ok"}]},
+    {"id": "b", "items": [{"from": "human", "value": "a \\\" b ]}, ["}, {"from": "gpt", "value": "ok"}]},
+    {"id": 30, "items": [{"from": "human", "value": "three"}, {"from": "gpt", "value": "x" * 40}]},
+    {"id": 40, "items": [{"from": "human", "value": "four"}, {"from": "gpt", "value": "ok"}]},
+    {"id": "e", "items": [{"from": "human", "value": "five"}, {"from": "gpt", "value": "ok"}]},
+]
+
+
+@pytest.fixture(params=["json", "jsonl"])
+def chunk_file(request, tmp_path):
+    if request.param == "json":
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(CHUNK_RECORDS, indent=4), encoding="utf-8")
+    else:
+        path = tmp_path / "data.jsonl"
+        lines = [json.dumps(r) for r in CHUNK_RECORDS]
+        path.write_text("\n".join(lines[:2] + ["", "  "] + lines[2:]) + "\n\n", encoding="utf-8")  # blank lines
+    return str(path)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1 << 20])
+@pytest.mark.parametrize("start, end, ids", [
+    (0, 2, [10, "b"]), (2, 4, [30, 40]), (3, 5, [40, "e"]), (0, 5, [10, "b", 30, 40, "e"]),
+    (2, 2, []), (5, 5, []), (4, 9, ["e"]), (7, 9, []),
+])
+def test_a_range_of_records(chunk_file, chunk_size, start, end, ids):
+    assert count_records(chunk_file, chunk_size=chunk_size) == 5
+    records = list(iter_records_range(chunk_file, start, end, require_response=True, chunk_size=chunk_size))
+    assert [r["id"] for r in records] == ids
+    assert records == [r for r in CHUNK_RECORDS if r["id"] in ids]
+
+
+def test_an_empty_range_reads_nothing_and_a_bad_range_is_refused(tmp_path):
+    missing = str(tmp_path / "missing.json")
+    assert list(iter_records_range(missing, 0, 0)) == []
+    with pytest.raises(InputError, match="file not found"):
+        list(iter_records_range(missing, 0, 1))
+    with pytest.raises(ValueError):
+        iter_records_range(missing, 3, 2)
+    with pytest.raises(ValueError):
+        iter_records_range(missing, -1, 2)
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl"])
+def test_errors_in_a_range_name_the_record_index_in_the_file(tmp_path, suffix):
+    records = [dict(r) for r in CHUNK_RECORDS]
+    records[3] = {"items": records[3]["items"]}  # no id
+    records[2] = {"id": 30, "items": records[2]["items"][:1]}  # no response
+    records[1] = {"id": 10, "items": records[1]["items"]}  # the id of record 0
+    path = tmp_path / f"data.{suffix}"
+    text = json.dumps(records) if suffix == "json" else "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text, encoding="utf-8")
+    path = str(path)
+    with pytest.raises(InputError) as err:
+        list(iter_records_range(path, 3, 5))
+    assert str(err.value) == f"{path}: record 3: field 'id' is missing"
+    with pytest.raises(InputError) as err:
+        list(iter_records_range(path, 2, 3, require_response=True))
+    assert str(err.value) == f"{path}: record 2 (id 30): field 'items[1]' is missing (expected a gpt turn)"
+    with pytest.raises(InputError) as err:
+        list(iter_records_range(path, 0, 2))
+    assert str(err.value) == f"{path}: record 1 (id 10): field 'id' duplicates record 0"
+    # Duplicates across ranges are the merge's to find; records before the range are not checked.
+    assert [r["id"] for r in iter_records_range(path, 1, 2)] == [10]
+    assert [r["id"] for r in iter_records_range(path, 4, 5)] == ["e"]
+
+
+def test_a_broken_jsonl_line_is_found_by_the_range_that_holds_it_only(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = [json.dumps(r) for r in CHUNK_RECORDS]
+    path.write_text("\n".join([good[0], "{oops}", good[2], good[3], "{torn"]) + "\n", encoding="utf-8")
+    path = str(path)
+    assert count_records(path) == 5  # lines are counted, not parsed
+    assert [r["id"] for r in iter_records_range(path, 2, 4)] == [30, 40]  # neither line 2 nor 5 is read
+    with pytest.raises(InputError) as err:
+        list(iter_records_range(path, 0, 2))
+    assert str(err.value) == f"{path}: invalid JSON on line 2: Expecting property name enclosed in double quotes"
+
+
+def test_a_broken_json_list_fails_the_count_but_not_a_range_before_the_break(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(CHUNK_RECORDS[:2], indent=4)[:-2] + ',\n    {"id": 3,\n', encoding="utf-8")
+    path = str(path)
+    with pytest.raises(InputError) as err:
+        count_records(path, chunk_size=16)
+    assert str(err.value).startswith(f"{path}: invalid JSON at line ")
+    assert [r["id"] for r in iter_records_range(path, 0, 2, chunk_size=16)] == [10, "b"]  # stops at its end
+    with pytest.raises(InputError, match="invalid JSON at line"):
+        list(iter_records_range(path, 2, 3))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(InputError, match="file is empty"):
+        count_records(str(empty))

@@ -1,20 +1,22 @@
 """reformat.py: requests, parsing, choice of candidate, failures, chunking and resume, against a fake server."""
 
-import itertools
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from realign.standins import MALFORMED_REPLY, FakeOpenAIServer
+from realign.standins import MALFORMED_REPLY, REASONING, FakeOpenAIServer
 
 import constant
 import reformat
 from realign import chunk_bounds
+from realign.pool import REJECTION_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "datasets", "examples", "realign_examples.json")
@@ -79,6 +81,11 @@ def error_lines(err):
 
 def user_text(request):
     return request.body["messages"][-1]["content"]
+
+
+def chats(server):
+    """The chat requests a server received (not the model check)."""
+    return server.requests_to("/v1/chat/completions")
 
 
 def reply(revised, reason="The format fits."):
@@ -151,49 +158,72 @@ def test_skip_reasons():
     assert reformat.skip_reason(multi).startswith("multi-turn record (4 items)")
 
 
-@pytest.mark.parametrize("n, parts", [(57, 10), (10, 3), (3, 5), (0, 2), (1000, 7), (11, 11)])
-def test_chunk_bounds_follow_the_spec_formula(n, parts):
-    k, m = divmod(n, parts)  # SPEC section 4
-    expected = [(i * k + min(i, m), (i + 1) * k + min(i + 1, m)) for i in range(parts)]
-    assert [chunk_bounds(n, parts, i) for i in range(parts)] == expected
-    items = list(range(n))
-    assert list(itertools.chain.from_iterable(items[a:b] for a, b in expected)) == items
-
-
 # -- end to end against the fake server ------------------------------------------------
 
 
-def test_seed_readme_command_works_and_the_key_is_never_shown(tmp_path, fake_openai, tiny_tokenizer_dir,
-                                                               monkeypatch, caplog, capsys):
+def seed_command(out, tokenizer_dir, *model):
+    return ["--input_data_path", EXAMPLES, "--output_directory", str(out), "--tokenizer_path", tokenizer_dir,
+            "--dataset_batch_id", "0", "--dataset_batch_num", "10", "--openai_key", KEY, "--top_k", "2",
+            *model, "--temperature", "0.3", "--top_p", "1", "--target_length", "4096"]
+
+
+def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
+        tmp_path, fake_openai, tiny_tokenizer_dir, monkeypatch, caplog, capsys):
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.url)
     fake_openai.expected_key = KEY
+    out = tmp_path / "out"
+    # The seed's model no longer exists: one line naming it and what the server offers, before any request.
+    status = reformat.main(seed_command(out, tiny_tokenizer_dir, "--model", "gpt-3.5-turbo-1106"))
+    assert status == 1
+    (error,) = error_lines(capsys.readouterr().err)
+    assert error == (f"reformat: error: model 'gpt-3.5-turbo-1106' is not offered by {fake_openai.url}; it offers: "
+                     "gpt-4o-mini, gpt-6-luna, gpt-6-sol (choose one with --model)")
+    assert chats(fake_openai) == []
+
+    # The same command without --model uses today's default model.
     few_words_many_tokens = "Zqxjvkw" * 12  # one word, dozens of tokens of the tiny tokenizer
     fake_openai.chat_responder = lambda body, i: reply(["a b c d e", few_words_many_tokens][i])
-    out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
-        status = reformat.main([
-            "--input_data_path", EXAMPLES, "--output_directory", str(out), "--tokenizer_path", tiny_tokenizer_dir,
-            "--dataset_batch_id", "0", "--dataset_batch_num", "10", "--openai_key", KEY, "--top_k", "2",
-            "--model", "gpt-3.5-turbo-1106", "--temperature", "0.3", "--top_p", "1", "--target_length", "4096"])
+        status = reformat.main(seed_command(out, tiny_tokenizer_dir))
     assert status == 0
-    chunk = examples()[slice(*chunk_bounds(57, 10, 0))]
+    chunk = examples()[0:6]  # chunk 0 of 10 of the 57 examples: records 0..5
     lines = read_batch(out / "rewrite_data_0_of_10_batch.jsonl")
-    assert sorted(by_id(lines)) == sorted(r["id"] for r in chunk)  # passthroughs first, then as finished
+    assert sorted(by_id(lines)) == sorted(r["id"] for r in chunk)
     rewritten = [line for line in lines if line["items"][1]["revised_response_list"]]
-    assert rewritten, "no record of chunk 0 was rewritten"
+    assert len(rewritten) == 3
     for line in rewritten:  # the tokenizer, not a word count, chose the longer candidate
         assert line["items"][1]["revised_response"]["revised_response"] == few_words_many_tokens
-    body = fake_openai.requests[0].body
-    assert (body["model"], body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (
-        "gpt-3.5-turbo-1106", 2, 0.3, 1.0, 4096)
-    assert fake_openai.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    body = chats(fake_openai)[0].body
+    assert {k: body[k] for k in ("model", "n", "temperature", "top_p", "max_completion_tokens",
+                                 "reasoning_effort")} == {
+        "model": "gpt-6-luna", "n": 2, "temperature": 0.3, "top_p": 1.0, "max_completion_tokens": 4096,
+        "reasoning_effort": "none"}
+    assert "max_tokens" not in body
+    assert chats(fake_openai)[0].headers["authorization"] == f"Bearer {KEY}"
 
     captured = capsys.readouterr()
     shown = caplog.text + captured.out + captured.err + (out / "rewrite_data_0_of_10_batch.jsonl").read_text()
     assert KEY not in shown
     assert "prefer the environment variable OPENAI_API_KEY" in caplog.text
-    assert f"rewritten: {len(rewritten)}, passed through: {len(lines) - len(rewritten)}, failed: 0" in caplog.text
+    assert "rewritten: 3, passed through: 3, failed: 0" in caplog.text
+
+
+def test_a_reasoning_model_gets_requests_it_accepts_and_no_record_fails(tmp_path, fake_openai, caplog):
+    fake_openai.profiles = {"*": dataclasses.replace(REASONING, max_n=1)}  # refuses temperature 0.3 and n=2
+    records = [record(i) for i in range(5)]
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, records, "--concurrency", "1", "--top_k", "2")
+    assert status == 0
+    assert [len(line["items"][1]["revised_response_list"]) for line in lines] == [2] * 5
+    sent = [r.body for r in chats(fake_openai)]
+    # One refusal per adaptation (temperature, then n), then 2 single-candidate requests per record.
+    assert len(sent) == 2 + 2 * 5
+    assert "temperature" in sent[0] and sent[1]["n"] == 2 and "temperature" not in sent[1]
+    assert all(body["n"] == 1 and "temperature" not in body and "max_tokens" not in body for body in sent[2:])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("temperature=0.3 refused" in w for w in warnings) == 1  # adapted once, for the whole run
+    assert "adaptations: temperature=0.3 refused" in caplog.text and "n=2 refused: 2 requests" in caplog.text
 
 
 def test_every_task_an_unknown_category_and_a_multi_turn_record_go_through(tmp_path, fake_openai, caplog):
@@ -218,9 +248,9 @@ def test_every_task_an_unknown_category_and_a_multi_turn_record_go_through(tmp_p
             assert gpt["revised_response"]["revised_response"] == gpt["value"]
     assert lines["odd-1"]["items"][1]["revised_response"]["reason"] == "unknown category 'mystery_task'"
     assert "unknown categories: 'mystery_task' (1)" in caplog.text
-    rewrite_count = sum(len(r["items"]) == 2 and r["items"][0]["category"] in constant.REWRITE_TASK for r in records)
-    assert fake_openai.request_count == rewrite_count
-    assert f"rewritten: {rewrite_count}, passed through: {len(records) - rewrite_count}, failed: 0" in caplog.text
+    # The 57 examples hold 44 single-turn records of rewrite tasks (datasets/examples).
+    assert len(chats(fake_openai)) == 44
+    assert "rewritten: 44, passed through: 14, failed: 0" in caplog.text
 
 
 def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
@@ -229,7 +259,7 @@ def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
                record(3, "email_generation", question="Write an email?")]
     status, _ = run(tmp_path, fake_openai, records)
     assert status == 0
-    sent = {user_text(r).split("\n")[1]: r.body for r in fake_openai.requests}
+    sent = {user_text(r).split("\n")[1]: r.body for r in chats(fake_openai)}
     assert "1. Fact one.\n\n2. Fact two." in sent["With evidence?"]["messages"][1]["content"]
     assert "[Evidence start]" not in sent["Without evidence?"]["messages"][1]["content"]
     assert constant.STRUCTURE["email_generation"].strip() in sent["Write an email?"]["messages"][1]["content"]
@@ -241,8 +271,8 @@ def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
     (tmp_path / "forced").mkdir()
     status, _ = run(tmp_path / "forced", fake_openai, records, "--no-adaptive", "--no-is_retrieval")
     assert status == 0
-    assert len(fake_openai.requests) == 3
-    for request in fake_openai.requests:
+    assert len(chats(fake_openai)) == 3
+    for request in chats(fake_openai):
         assert request.body["messages"][0]["content"] == constant.REFORMAT_PROMPTS["forced"]["plain"]["system"].strip()
         assert "[Evidence start]" not in user_text(request)
 
@@ -268,7 +298,7 @@ def test_the_longest_usable_candidate_is_kept(tmp_path, fake_openai):
     assert chosen == {1: "a much longer candidate", 2: "same length one", 3: "the good one", 4: "short but complete"}
     listed = {i: len(line["items"][1]["revised_response_list"]) for i, line in by_id(lines).items()}
     assert listed == {1: 2, 2: 2, 3: 1, 4: 1}
-    assert fake_openai.request_count == 4  # one good candidate is enough: no re-ask
+    assert len(chats(fake_openai)) == 4  # one good candidate is enough: no re-ask
 
 
 def user_text_of(body):
@@ -291,20 +321,20 @@ def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fa
                                                    "revised_response": records[1]["items"][1]["value"]}
     assert bad["items"][1]["revised_response_list"] == []
     assert bad["items"][1]["value"] == records[1]["items"][1]["value"]
-    assert sum("Bad?" in user_text(r) for r in fake_openai.requests) == 3
-    assert fake_openai.request_count == 2 + 3 + 1
+    assert sum("Bad?" in user_text(r) for r in chats(fake_openai)) == 3
+    assert len(chats(fake_openai)) == 2 + 3 + 1
     assert "failed: 1" in caplog.text and "--retry_failed" in caplog.text
 
     # A plain rerun asks nothing and still says that the file holds a failure.
     fake_openai.requests.clear()
     status, again = run(tmp_path, fake_openai, records)
-    assert status == 1 and fake_openai.request_count == 0 and again == list(lines.values())
+    assert status == 1 and chats(fake_openai) == [] and again == list(lines.values())
 
     # --retry_failed asks again for exactly the failed record.
     fake_openai._faults.clear()
     status, retried = run(tmp_path, fake_openai, records, "--retry_failed")
     assert status == 0
-    assert [("Bad?" in user_text(r)) for r in fake_openai.requests] == [True]
+    assert [("Bad?" in user_text(r)) for r in chats(fake_openai)] == [True]
     retried = by_id(retried)
     assert set(retried) == {1, 2, 3} and not any("status" in line for line in retried.values())
     assert retried[1] == lines[1] and retried[3] == lines[3]
@@ -318,7 +348,7 @@ def test_transient_errors_are_retried_honouring_retry_after(tmp_path, fake_opena
         status, lines = run(tmp_path, fake_openai, [record(1)], "--max_retries", "3")
     assert status == 0
     assert lines[0]["items"][1]["revised_response"]["revised_response"].startswith("**Answer**")
-    assert fake_openai.request_count == 4
+    assert len(chats(fake_openai)) == 4
     assert "requests: 4, retries: 3" in caplog.text
 
 
@@ -327,7 +357,7 @@ def test_transient_errors_past_the_bound_fail_the_record(tmp_path, fake_openai):
     status, lines = run(tmp_path, fake_openai, [record(1, question="Down?"), record(2)], "--max_retries", "2")
     assert status == 1
     lines = by_id(lines)
-    assert lines[1]["status"] == "failed" and lines[1]["error"] == "id 1 failed after 3 attempts: HTTP 503"
+    assert lines[1]["status"] == "failed" and lines[1]["error"] == "failed after 3 attempts: HTTP 503"
     assert "status" not in lines[2]
 
 
@@ -341,17 +371,8 @@ def test_a_refused_key_stops_the_run_at_once(tmp_path, fake_openai, capsys, monk
     refused = "reformat: error: the API server refused the credentials (HTTP 401); check OPENAI_API_KEY"
     assert error_lines(err) == [refused]
     assert "sk-wrong-but-secret-9999" not in err
-    assert fake_openai.request_count <= 4  # the requests already in flight, no more
-    assert [line["id"] for line in lines] == [99]  # the passthrough; nothing failed for a bad key
-
-
-def test_an_unknown_model_stops_the_run(tmp_path, fake_openai, capsys):
-    fake_openai.known_models = {"gpt-4o"}
-    status, lines = run(tmp_path, fake_openai, [record(i) for i in range(5)], "--concurrency", "1")
-    assert status == 1 and lines == []
-    (error,) = error_lines(capsys.readouterr().err)
-    assert "HTTP 404" in error and "gpt-3.5-turbo-1106" in error and "--model" in error
-    assert fake_openai.request_count == 1
+    assert chats(fake_openai) == []  # the model check at start-up already met the refusal
+    assert lines == []
 
 
 def test_http_400_on_every_request_stops_the_run(tmp_path, fake_openai, capsys):
@@ -359,8 +380,8 @@ def test_http_400_on_every_request_stops_the_run(tmp_path, fake_openai, capsys):
     status, lines = run(tmp_path, fake_openai, [record(i) for i in range(40)], "--concurrency", "4")
     assert status == 1
     err = capsys.readouterr().err
-    assert "the first 8 requests were all refused (HTTP 400" in err
-    assert reformat.REJECTION_LIMIT <= fake_openai.request_count <= reformat.REJECTION_LIMIT + 4
+    assert "the first 8 requests were all refused (HTTP 400: Invalid request.)" in err
+    assert REJECTION_LIMIT <= len(chats(fake_openai)) <= REJECTION_LIMIT + 4
     assert lines == []  # the refused records were held back, so a rerun with fixed settings asks them
 
 
@@ -376,32 +397,58 @@ def test_http_400_on_one_record_fails_only_that_record(tmp_path, fake_openai):
 
 
 def test_chunks_of_a_run_cover_the_input_once(tmp_path, fake_openai):
-    records = examples()
-    for batch_id in range(4):
-        status = reformat.main(["--input_data_path", EXAMPLES, "--output_directory", str(tmp_path),
+    expected = {0: [0, 1, 2, 3, 4, 5, 6, 7], 1: [8, 9, 10, 11, 12, 13, 14], 2: [15, 16, 17, 18, 19, 20, 21]}
+    records = [record(i) for i in range(22)]  # 22 = 8 + 7 + 7: earlier chunks one larger
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps(records), encoding="utf-8")
+    for batch_id in range(3):
+        status = reformat.main(["--input_data_path", str(input_path), "--output_directory", str(tmp_path / "out"),
                                 "--base_url", fake_openai.url, "--dataset_batch_id", str(batch_id),
-                                "--dataset_batch_num", "4", "--concurrency", "8"])
+                                "--dataset_batch_num", "3", "--concurrency", "8"])
         assert status == 0
-        start, end = chunk_bounds(len(records), 4, batch_id)
-        lines = read_batch(tmp_path / f"rewrite_data_{batch_id}_of_4_batch.jsonl")
-        assert sorted(map(str, by_id(lines))) == sorted(str(r["id"]) for r in records[start:end])
+        lines = read_batch(tmp_path / "out" / f"rewrite_data_{batch_id}_of_3_batch.jsonl")
+        assert sorted(by_id(lines)) == expected[batch_id]
 
 
 def test_slurm_array_variables_pick_the_chunk(tmp_path, fake_openai, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "2")
     records = [record(i) for i in range(10)]
     status, lines = run(tmp_path, fake_openai, records, batch="2_of_3")
     assert status == 0
     assert sorted(by_id(lines)) == [7, 8, 9]
-    assert os.listdir(tmp_path / "out") == ["rewrite_data_2_of_3_batch.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".rewrite_data_2_of_3_batch.jsonl.lock",
+                                                    "rewrite_data_2_of_3_batch.jsonl"]
+    # --array=1-5:2: task ids 1, 3, 5 are chunks 0, 1, 2 of 3
+    for name, value in (("ID", "5"), ("MIN", "1"), ("MAX", "5"), ("STEP", "2")):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)
+    assert reformat.resolve_chunk(None, None, str(tmp_path / "elsewhere"))[:2] == (2, 3)
+    assert reformat.resolve_chunk(0, None, str(tmp_path / "elsewhere"))[:2] == (0, 1)  # the flag wins
 
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")  # --array=1-5:2 -> task ids 1, 3, 5 -> chunks 0, 1, 2
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
-    assert reformat.parse_args(["--input_data_path", "x", "--output_directory", "y"]).dataset_batch_id == 2
-    assert reformat.parse_args(["--input_data_path", "x", "--output_directory", "y",
-                                "--dataset_batch_id", "0"]).dataset_batch_id == 0  # the flag wins
+
+def test_a_resubmitted_slurm_index_takes_its_chunk_of_the_folders_batch_count(tmp_path, fake_openai, monkeypatch,
+                                                                               capsys):
+    """``sbatch --array=3`` sets SLURM_ARRAY_TASK_COUNT=1: it must not take the whole input."""
+    records = [record(i) for i in range(40)]
+    for name, value in (("ID", "3"), ("COUNT", "1"), ("MIN", "3"), ("MAX", "3")):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)
+    status, lines = run(tmp_path, fake_openai, records)  # no batch files yet: it cannot tell N
+    assert status == 2 and lines == [] and chats(fake_openai) == []
+    (error,) = error_lines(capsys.readouterr().err)
+    assert error == (f"reformat: error: SLURM_ARRAY_TASK_ID=3 (SLURM_ARRAY_TASK_COUNT=1): the array's variables "
+                     f"cannot tell how many chunks the input is cut into, and there are no batch files in "
+                     f"{tmp_path / 'out'}; pass --dataset_batch_num N (and --dataset_batch_id)")
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "out").mkdir()
+    for i in (0, 1, 2, 4, 5, 6, 7, 8, 9):  # the other chunks of a run of N=10 are there
+        (tmp_path / "out" / f"rewrite_data_{i}_of_10_batch.jsonl").write_text("", encoding="utf-8")
+    status, lines = run(tmp_path, fake_openai, records, batch="3_of_10")
+    assert status == 0
+    assert sorted(by_id(lines)) == [12, 13, 14, 15]  # chunk 3 of 10 of 40 records
+    assert len(chats(fake_openai)) == 4
 
 
 def test_resume_never_asks_again_for_a_finished_id(tmp_path, fake_openai):
@@ -415,12 +462,117 @@ def test_resume_never_asks_again_for_a_finished_id(tmp_path, fake_openai):
     done = {json.loads(line)["id"] for line in kept}
 
     fake_openai.requests.clear()
-    status, second = run(tmp_path, fake_openai, records, "--concurrency", "4")
+    status, second = run(tmp_path, fake_openai, records, "--concurrency", "4", "--no-cache")
     assert status == 0
-    asked = {int(user_text(r).split("\n")[1].split()[-1].rstrip("?")) for r in fake_openai.requests}
+    asked = {int(user_text(r).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai)}
     assert asked == {r["id"] for r in records} - done
-    assert fake_openai.request_count == len(asked)
+    assert len(chats(fake_openai)) == len(asked) == 18
     assert set(by_id(second)) == {r["id"] for r in records}
+
+
+def test_a_rerun_in_a_fresh_folder_is_answered_by_the_cache(tmp_path, fake_openai, caplog):
+    records = [record(i) for i in range(12)] + [record(100, "story_generation")]
+    status, first = run(tmp_path, fake_openai, records, "--concurrency", "4")
+    assert status == 0 and len(chats(fake_openai)) == 12
+    fake_openai.requests.clear()
+    (tmp_path / "fresh").mkdir()
+    with caplog.at_level(logging.INFO):
+        status, second = run(tmp_path / "fresh", fake_openai, records, "--concurrency", "4")
+    assert status == 0
+    assert chats(fake_openai) == []
+    assert "requests: 0, retries: 0 (429 rate limit: 0), cache hits: 12" in caplog.text
+    assert {line["id"]: line for line in second} == {line["id"]: line for line in first}
+
+
+def copy_of_the_project(tmp_path):
+    """The scripts, the helper package and constant.py in a folder of the test's own."""
+    target = tmp_path / "project"
+    target.mkdir()
+    for name in ("reformat.py", "constant.py"):
+        shutil.copy(os.path.join(ROOT, name), target / name)
+    shutil.copytree(os.path.join(ROOT, "realign"), target / "realign",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def test_a_changed_format_redoes_only_its_task_and_changed_sampling_redoes_everything(tmp_path, fake_openai,
+                                                                                      caplog):
+    records = [record(i, "open_qa") for i in range(4)] + [record(i, "email_generation") for i in range(4, 8)]
+    status, _ = run(tmp_path, fake_openai, records, "--concurrency", "4")
+    assert status == 0 and len(chats(fake_openai)) == 8
+
+    project = copy_of_the_project(tmp_path)
+    source = (project / "constant.py").read_text(encoding="utf-8")
+    edited = source.replace('    "open_qa": (\n', '    "open_qa": (\n        "0. Start with a one-line summary.\\n"\n', 1)
+    assert edited != source
+    (project / "constant.py").write_text(edited, encoding="utf-8")
+    fake_openai.requests.clear()
+    done = subprocess.run([sys.executable, str(project / "reformat.py"), "--input_data_path",
+                           str(tmp_path / "input.json"), "--output_directory", str(tmp_path / "out"),
+                           "--base_url", fake_openai.url], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    asked = sorted(int(user_text(r).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai))
+    assert asked == [0, 1, 2, 3]  # only the open_qa records, whose format changed
+    assert "4 lines were made with other settings" in done.stderr
+    lines = read_batch(tmp_path / "out" / "rewrite_data_0_of_1_batch.jsonl")
+    assert sorted(line["id"] for line in lines) == list(range(8))  # one line per id, none of the old settings
+
+    fake_openai.requests.clear()
+    status, lines = run(tmp_path, fake_openai, records, "--top_k", "3")
+    assert status == 0 and len(chats(fake_openai)) == 8  # n is part of every request
+    assert all(len(line["items"][1]["revised_response_list"]) == 3 for line in lines)
+
+    fake_openai.requests.clear()
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, records, "--top_k", "3", "--model", "gpt-6-sol")
+    assert status == 0 and len(chats(fake_openai)) == 8
+    assert {r.body["model"] for r in chats(fake_openai)} == {"gpt-6-sol"}
+    assert "8 lines were made with other settings" in caplog.text
+    assert sorted(line["id"] for line in lines) == list(range(8))
+
+
+def test_the_dry_run_sends_nothing_and_predicts_the_requests_of_the_real_run(tmp_path, fake_openai, capsys):
+    records = [record(i) for i in range(10)] + [record(i, "story_generation") for i in range(10, 13)]
+    status, _ = run(tmp_path, fake_openai, records[:4])  # 4 of them are then in the cache
+    assert status == 0
+    fake_openai.requests.clear()
+    (tmp_path / "next").mkdir()
+    capsys.readouterr()
+    status, lines = run(tmp_path / "next", fake_openai, records, "--dry_run", "--max_requests_per_minute", "60",
+                        "--usage_path", str(tmp_path / "usage.json"))
+    assert status == 0 and lines == [] and fake_openai.requests == []
+    assert not (tmp_path / "next" / "out").exists()
+    report = capsys.readouterr().out
+    assert "requests to send: 6 (answered by the cache: 4)" in report
+    assert "estimated at 4 characters a token" in report
+    assert "expected time at the rate limits (60 requests/min): 0.1 min" in report
+    usage = json.loads((tmp_path / "usage.json").read_text())
+    assert (usage["requests"], usage["cache_hits"]) == (6, 4)
+    # gpt-6-luna at $0.10 in and $0.50 out per million tokens, from the counted tokens
+    assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] * 0.10 + usage["completion_tokens"] * 0.50)
+                                              / 1e6, rel=1e-3)
+
+    status, _ = run(tmp_path / "next", fake_openai, records)
+    assert status == 0 and len(chats(fake_openai)) == 6
+
+
+def test_max_cost_stops_near_the_cap_and_a_higher_cap_finishes(tmp_path, fake_openai, caplog, capsys):
+    records = [record(i, response=" ".join(["word"] * 50)) for i in range(40)]
+    price = ["--price_input", "100", "--price_output", "100"]  # USD per million tokens: a few cents a request
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, records, "--max_cost", "0.5", "--concurrency", "2", *price,
+                            "--usage_path", str(tmp_path / "usage.json"))
+    assert status == 1
+    (error,) = error_lines(capsys.readouterr().err)
+    assert error.startswith("reformat: error: budget reached: $") and error.endswith(
+        "rerun with a higher --max_cost to continue")
+    usage = json.loads((tmp_path / "usage.json").read_text())
+    per_request = usage["cost_usd"] / usage["requests"]
+    assert usage["cost_usd"] <= 0.5 + per_request
+    assert 0 < len(lines) < 40 and usage["stopped"] == "budget"
+
+    status, lines = run(tmp_path, fake_openai, records, "--max_cost", "100", *price)
+    assert status == 0 and sorted(line["id"] for line in lines) == list(range(40))
 
 
 def test_sigterm_leaves_whole_lines_and_a_rerun_finishes(tmp_path):
@@ -431,7 +583,7 @@ def test_sigterm_leaves_whole_lines_and_a_rerun_finishes(tmp_path):
     batch = out / "rewrite_data_0_of_1_batch.jsonl"
     with FakeOpenAIServer(latency=0.3) as server:
         command = [sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", str(input_path),
-                   "--output_directory", str(out), "--base_url", server.url, "--concurrency", "4"]
+                   "--output_directory", str(out), "--base_url", server.url, "--concurrency", "4", "--no-cache"]
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={**os.environ, "OPENAI_API_KEY": KEY})
         deadline = time.monotonic() + 30
@@ -443,15 +595,36 @@ def test_sigterm_leaves_whole_lines_and_a_rerun_finishes(tmp_path):
         assert "interrupted; progress so far is saved" in err
         first = read_batch(batch)  # every line parses
         assert 6 <= len(first) < 40
-        first_requests = server.request_count
+        first_requests = len(chats(server))
+        assert first_requests == len(first)  # the requests in flight finished and were saved
 
         status = reformat.main(["--input_data_path", str(input_path), "--output_directory", str(out),
-                                "--base_url", server.url, "--concurrency", "8"])
+                                "--base_url", server.url, "--concurrency", "8", "--no-cache"])
         assert status == 0
         assert set(by_id(read_batch(batch))) == set(range(40))
-        assert server.request_count - first_requests == 40 - len(first)  # finished ids are not asked again
-        assert first_requests - len(first) <= 4  # only the requests in flight were lost
+        assert len(chats(server)) - first_requests == 40 - len(first)  # finished ids are not asked again
         assert server.max_in_flight >= 4  # requests really run concurrently
+
+
+def test_a_second_process_on_the_same_batch_file_refuses_at_once(tmp_path):
+    records = [record(i) for i in range(30)]
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "out"
+    with FakeOpenAIServer(latency=0.2) as server:
+        command = [sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", str(input_path),
+                   "--output_directory", str(out), "--base_url", server.url, "--concurrency", "2"]
+        first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not read_batch(out / "rewrite_data_0_of_1_batch.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        _, first_err = first.communicate(timeout=60)
+    assert second.returncode == 2
+    (error,) = [line for line in second.stderr.splitlines() if line.startswith("reformat.py: error:")]
+    assert f"{out / 'rewrite_data_0_of_1_batch.jsonl'} is being written by another process (pid {first.pid}" in error
+    assert first.returncode == 0, first_err
+    assert sorted(by_id(read_batch(out / "rewrite_data_0_of_1_batch.jsonl"))) == list(range(30))
 
 
 # -- bad input -----------------------------------------------------------------------
@@ -469,7 +642,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, fake_openai, 
     (error,) = error_lines(err)
     assert err.endswith(error + "\n") and message in error and "input.json" in error
     assert not (tmp_path / "out").exists()
-    assert fake_openai.request_count == 0
+    assert fake_openai.requests == []
 
 
 def test_no_key_for_openai_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -494,17 +667,7 @@ def test_a_batch_file_from_another_chunking_is_refused(tmp_path, fake_openai, ca
 
 
 def test_batch_id_outside_the_range_is_a_usage_error(tmp_path, fake_openai, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path, fake_openai, [record(1)], "--dataset_batch_id", "3", "--dataset_batch_num", "3")
-    assert exit_info.value.code == 2
-    assert "--dataset_batch_id must be in 0..2" in capsys.readouterr().err
-
-
-def test_help_is_instant_and_imports_no_sdk():
-    done = subprocess.run([sys.executable, "reformat.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30, check=False)
-    assert done.returncode == 0 and "--concurrency" in done.stdout and "OPENAI_API_KEY" in done.stdout
-    probe = "import sys, reformat; print(sorted(m for m in ('openai', 'transformers', 'torch') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                          check=False)
-    assert done.stdout.strip() == "[]"
+    status, _ = run(tmp_path, fake_openai, [record(1)], "--dataset_batch_id", "3", "--dataset_batch_num", "3")
+    assert status == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "reformat: error: --dataset_batch_id must be in 0..2 (--dataset_batch_num 3), got 3"]

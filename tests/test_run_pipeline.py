@@ -148,8 +148,9 @@ def test_rerun_after_kill_finishes_the_same_without_repeating_requests(tmp_path,
     input_path = write_json(tmp_path / "input.json", records)
     env = pipeline_env(fake_openai, fake_serper)
 
-    # A clean run gives the reference final file.
-    reference = run_pipeline(input_path, tmp_path / "reference", env)
+    # A clean run gives the reference final file (with a cache of its own, so that the
+    # killed run below really sends its requests).
+    reference = run_pipeline(input_path, tmp_path / "reference", {**env, "REALIGN_CACHE_DIR": str(tmp_path / "c0")})
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert "stage classify: skipped" in reference.stderr
     fake_openai.requests.clear()

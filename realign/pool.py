@@ -1,0 +1,204 @@
+"""The one worker pool, the one way to stop, and the one "the server refuses everything" rule.
+
+Every stage stops the same way. SIGINT (Ctrl-C) and SIGTERM (Slurm's ``scancel``,
+preemption, ``kill``) stop new requests from starting; the requests already on their way
+may finish for :data:`STOP_GRACE` seconds and are saved as usual; then the script writes
+what it has and exits 130. A second signal cancels what is still in flight at once. A
+rerun repeats at most the requests that were in flight (and with the request cache not
+even those of them that had been answered).
+
+The other reasons to stop starting requests go through the same :class:`Stopper`: the
+spending cap (``--max_cost``) and an error that will not heal.
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+
+from realign.cli import FatalError
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE = 10.0  # seconds the requests in flight may still take after a stop signal
+REJECTION_LIMIT = 8  # this many refused requests before any success: the settings are wrong
+
+
+class Stopped(Exception):
+    """Raised instead of starting a request once the run is stopping."""
+
+
+class Stopper:
+    """Why the run is stopping (None while it is not): "signal", "budget" or "error"."""
+
+    def __init__(self):
+        self.reason = None
+        self.message = None
+        self.signals = 0
+        self._event = threading.Event()
+        self._loops = []
+        self._on_hard_stop = []
+
+    def is_set(self):
+        return self._event.is_set()
+
+    def stop(self, reason, message=None):
+        """Stop starting new work (the first reason given is kept)."""
+        if self.reason is None:
+            self.reason = reason
+            self.message = message
+        self._event.set()
+        for loop, callback in list(self._loops):
+            try:
+                loop.call_soon_threadsafe(callback)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def wait(self, timeout):
+        """Sleep up to ``timeout`` seconds; True when the run is stopping (for threads)."""
+        return self._event.wait(timeout)
+
+    def check(self):
+        """Raise :class:`Stopped` before a request is sent once a signal stopped the run. (A
+        budget stop only keeps new jobs from starting: requests it already admitted go on.)"""
+        if self._event.is_set() and self.reason != "budget":
+            raise Stopped(self.reason)
+
+    @property
+    def interrupted(self):
+        return self.reason == "signal"
+
+    def _handle_signal(self, signum, _frame):
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals == 1:
+            logger.warning("%s: no new requests; saving what finishes within %.0f s (again to stop at once)",
+                           name, STOP_GRACE)
+            self.stop("signal", f"stopped by {name}")
+        else:
+            logger.warning("%s again: cancelling the requests in flight", name)
+            for callback in list(self._on_hard_stop):
+                callback()
+
+    def on_hard_stop(self, callback):
+        self._on_hard_stop.append(callback)
+
+    @contextlib.contextmanager
+    def signals_handled(self):
+        """Handle SIGINT and SIGTERM as a stop while the block runs (main thread only); the
+        handlers that were there before are put back afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._handle_signal) for signum in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _attach(self, loop, callback):
+        entry = (loop, callback)
+        self._loops.append(entry)
+        return entry
+
+    def _detach(self, entry):
+        with contextlib.suppress(ValueError):
+            self._loops.remove(entry)
+
+
+class RefusalPolicy:
+    """Requests the server refused (HTTP 4xx on their merits) before any request succeeded
+    may mean the settings are wrong, not the records: their failed lines are held back.
+    :data:`REJECTION_LIMIT` of them with no success stop the run; the first success
+    releases them to be written as failed records."""
+
+    def __init__(self, hint, limit=REJECTION_LIMIT):
+        self.hint = hint
+        self.limit = limit
+        self.succeeded = False
+        self.held = []  # (item, error)
+
+    def refused(self, item, error):
+        """A refusal: the items that may be written now (``[item]`` once a request has
+        succeeded; else it is held); raises FatalError at the limit."""
+        if self.succeeded:
+            return [item]
+        self.held.append((item, error))
+        if len(self.held) >= self.limit:
+            raise FatalError(f"the first {self.limit} requests were all refused ({error}); {self.hint}")
+        return []
+
+    def success(self):
+        """A request succeeded: the held items, to be written."""
+        self.succeeded = True
+        held, self.held = self.held, []
+        return [item for item, _ in held]
+
+    def finish(self, stopper):
+        """At the end: held items and no success at all mean every request was refused."""
+        if self.held and not self.succeeded and not stopper.is_set():
+            raise FatalError(f"every request was refused ({self.held[0][1]}); {self.hint}")
+
+
+async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
+    """Await ``handle(job)`` for each job of the iterable ``jobs``, at most ``concurrency``
+    at once, each job taken by exactly one worker.
+
+    Stops taking jobs when ``stopper`` is set (a signal, the budget); jobs in progress
+    then have ``grace`` seconds before they are cancelled (at once on a second signal).
+    A ``FatalError`` (or any other exception) from a job cancels the others and is raised.
+    ``handle`` may raise :class:`Stopped` for a job it could not start.
+    """
+    loop = asyncio.get_running_loop()
+    todo = iter(jobs)
+    woken = asyncio.Event()
+    entry = stopper._attach(loop, woken.set)
+    tasks = []
+
+    async def worker():
+        while not stopper.is_set():
+            try:
+                job = next(todo)
+            except StopIteration:
+                return
+            try:
+                await handle(job)
+            except Stopped:
+                return
+
+    def cancel_all():
+        for task in tasks:
+            task.cancel()
+
+    stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(cancel_all))
+    tasks.extend(asyncio.ensure_future(worker()) for _ in range(max(1, concurrency)))
+    try:
+        pending = set(tasks)
+        deadline = None
+        while pending:
+            timeout, waiter = None, None
+            if stopper.is_set() and stopper.reason != "budget":  # the jobs in progress get the grace
+                deadline = loop.time() + grace if deadline is None else deadline
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+            elif not stopper.is_set():
+                waiter = asyncio.ensure_future(woken.wait())
+            done, pending = await asyncio.wait(pending | ({waiter} if waiter else set()), timeout=timeout,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if waiter is not None:
+                pending.discard(waiter)
+                done.discard(waiter)
+                waiter.cancel()
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+    finally:
+        stopper._detach(entry)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

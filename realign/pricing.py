@@ -1,0 +1,280 @@
+"""Prices, spend and the spending cap.
+
+Prices come from the dated table ``MODEL_PRICES`` of ``constant.py`` (USD per million
+tokens: input, cached input, output; Batch API and Flex at their own, half, price), or
+from ``--price_input`` / ``--price_output`` / ``--price_cached_input``, which win.
+
+:class:`Spend` adds up what the replies' ``usage`` says was used (re-asks and retries
+included) and prices it. :class:`Budget` is ``--max_cost``: before a request starts it
+checks that what was spent, plus the estimated cost of the requests in flight, plus this
+request's estimate would stay under the cap; the estimate of a reply's length learns from
+the replies seen so far (a rewrite is often longer than its original).
+"""
+
+import re
+import threading
+from dataclasses import dataclass
+
+import constant
+
+PER_MILLION = 1_000_000
+_DATE_SUFFIX_RE = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+
+
+class BudgetReached(Exception):
+    """The next request would take the spend past ``--max_cost``."""
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per token."""
+
+    input: float
+    cached_input: float
+    output: float
+    source: str  # where it came from, for the log
+
+    def cost(self, prompt_tokens=0, completion_tokens=0, cached_tokens=0):
+        cached_tokens = min(cached_tokens, prompt_tokens)
+        return ((prompt_tokens - cached_tokens) * self.input + cached_tokens * self.cached_input
+                + completion_tokens * self.output)
+
+
+def find_price(model, tier="online", price_input=None, price_output=None, price_cached_input=None,
+               table=None):
+    """The :class:`Price` of ``model`` at ``tier`` ("online", "flex" or "batch"), or None.
+
+    The flags (USD per million tokens) override the table; a model with a date suffix is
+    looked up without it.
+    """
+    table = constant.MODEL_PRICES if table is None else table
+    entry = table.get(model) or table.get(_DATE_SUFFIX_RE.sub("", model or ""))
+    half = tier in ("flex", "batch")
+    listed = {}
+    if entry:
+        prefix = "batch_" if half else ""
+        listed = {name: entry.get(prefix + name) for name in ("input", "cached_input", "output")}
+        if half and listed["input"] is None:  # no batch price in the table: half the online one
+            listed = {name: entry.get(name) / 2 if entry.get(name) is not None else None
+                      for name in ("input", "cached_input", "output")}
+    given = {"input": price_input, "output": price_output, "cached_input": price_cached_input}
+    chosen = {name: given[name] if given[name] is not None else listed.get(name) for name in given}
+    if chosen["input"] is None or chosen["output"] is None:
+        return None
+    if chosen["cached_input"] is None:
+        chosen["cached_input"] = chosen["input"]
+    if any(given.values()):
+        source = "--price_* flags" + (f" and constant.MODEL_PRICES ({constant.PRICES_AS_OF})" if entry else "")
+    else:
+        source = f"constant.MODEL_PRICES, {constant.PRICES_AS_OF}, {tier} price of {model}"
+    return Price(chosen["input"] / PER_MILLION, chosen["cached_input"] / PER_MILLION,
+                 chosen["output"] / PER_MILLION, source)
+
+
+def usage_tokens(usage):
+    """``(prompt, cached prompt, completion)`` tokens of a reply's ``usage`` (missing: 0)."""
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    return int(usage.get("prompt_tokens") or 0), int(cached or 0), int(usage.get("completion_tokens") or 0)
+
+
+class Spend:
+    """Tokens used and their cost, added up from replies (thread-safe)."""
+
+    def __init__(self, price=None):
+        self.price = price
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self.searches = 0
+        self.search_price = None
+        self.cost = 0.0
+        self._lock = threading.Lock()
+
+    def add_usage(self, usage):
+        prompt, cached, completion = usage_tokens(usage)
+        with self._lock:
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached
+            self.completion_tokens += completion
+            if self.price is not None:
+                self.cost += self.price.cost(prompt, completion, cached)
+        return prompt, completion
+
+    def add_search(self, price):
+        with self._lock:
+            self.searches += 1
+            self.search_price = price
+            if price is not None:
+                self.cost += price
+
+    @property
+    def priced(self):
+        return self.price is not None or self.search_price is not None
+
+    def describe(self):
+        """``"prompt tokens: 1,234 (0 cached), completion tokens: 567, spend: $0.0012"``."""
+        parts = []
+        if self.prompt_tokens or self.completion_tokens or not self.searches:
+            parts.append(f"prompt tokens: {self.prompt_tokens:,} ({self.cached_tokens:,} cached), "
+                         f"completion tokens: {self.completion_tokens:,}")
+        if self.searches:
+            parts.append(f"searches: {self.searches:,}")
+        parts.append(f"spend: ${self.cost:.4f}" if self.priced else "spend: unknown (no price for this model)")
+        return ", ".join(parts)
+
+
+class Budget:
+    """``--max_cost``: refuse to start a request whose estimate would take the spend past the cap."""
+
+    def __init__(self, cap, spend):
+        self.cap = cap
+        self.spend = spend
+        self.in_flight = {}  # ticket -> estimated USD
+        self._next = 0
+        self.expected_completion = 0  # what the estimates said the replies seen so far would use
+        self.actual_completion = 0  # what they did use
+        self._lock = threading.Lock()
+
+    def ratio(self):
+        """Actual over expected completion tokens of the replies seen so far (at least 1)."""
+        if self.expected_completion <= 0:
+            return 1.0
+        return max(1.0, self.actual_completion / self.expected_completion)
+
+    def estimate(self, prompt_tokens, completion_tokens):
+        if self.spend.price is None:
+            return 0.0
+        return self.spend.price.cost(prompt_tokens, completion_tokens * self.ratio())
+
+    def reserve(self, prompt_tokens, completion_tokens, fixed=None):
+        """A ticket for a request estimated at ``prompt_tokens`` in and ``completion_tokens``
+        out (or ``fixed`` USD, e.g. a search); raises :class:`BudgetReached` past the cap."""
+        with self._lock:
+            estimate = fixed if fixed is not None else self.estimate(prompt_tokens, completion_tokens)
+            if self.cap is not None and self.spend.cost + sum(self.in_flight.values()) + estimate > self.cap:
+                raise BudgetReached(self.message())
+            self._next += 1
+            self.in_flight[self._next] = estimate
+            return self._next
+
+    def settle(self, ticket, expected_completion=None, actual_completion=None):
+        """The request of ``ticket`` ended (its usage is already in the spend, if it had one)."""
+        with self._lock:
+            self.in_flight.pop(ticket, None)
+            if expected_completion and actual_completion is not None:
+                self.expected_completion += expected_completion
+                self.actual_completion += actual_completion
+
+    def message(self):
+        return f"budget reached: ${self.spend.cost:.4f} of ${self.cap:.4f}"
+
+
+class DryRunReport:
+    """What a run would send, use, cost and take, added up request by request; nothing is sent.
+
+    Prompt tokens are counted with ``tokenizer_path`` when given, else estimated at four
+    characters a token (and the report says so). The expected completion is the caller's
+    (reformat: n x the original response's length, the paper's rewrites being about as
+    long as the originals on average).
+    """
+
+    def __init__(self, stage, cache, tokenizer_path, price, limits, output_cap=None, search_price=None):
+        self.stage = stage
+        self.cache = cache
+        self.price = price
+        self.limits = limits or {}
+        self.output_cap = output_cap
+        self.search_price = search_price
+        self.requests = self.cached = self.searches = 0
+        self.prompt_tokens = self.completion_tokens = self.limit_tokens = 0.0
+        self.tokenizer = None
+        self.counted = "estimated at 4 characters a token (pass --tokenizer_path to count)"
+        if tokenizer_path:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            self.counted = f"counted with {tokenizer_path}"
+
+    def is_cached(self, key):
+        return self.cache is not None and self.cache.contains(key)
+
+    def count_text(self, text):
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(text) / 4.0
+
+    def count_prompt(self, messages):
+        if isinstance(messages, str):
+            return self.count_text(messages)
+        return sum(self.count_text(str(m.get("content") or "")) + 4 for m in messages)
+
+    def add_cached(self):
+        self.cached += 1
+
+    def add_request(self, prompt_tokens, completion_tokens, n=1):
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.limit_tokens += prompt_tokens + n * (self.output_cap or 0)
+
+    def add_search(self):
+        self.searches += 1
+
+    def cost(self):
+        total = 0.0
+        known = False
+        if self.price is not None:
+            total += self.price.cost(self.prompt_tokens, self.completion_tokens)
+            known = True
+        if self.searches and self.search_price is not None:
+            total += self.searches * self.search_price
+            known = True
+        if not self.requests and not self.searches:
+            return 0.0
+        return total if known else None
+
+    def minutes(self):
+        """Expected wall time in minutes at the known rate limits, or None."""
+        times = []
+        if self.limits.get("requests"):
+            times.append((self.requests + self.searches) / self.limits["requests"])
+        if self.limits.get("tokens") and self.limit_tokens:
+            times.append(self.limit_tokens / self.limits["tokens"])
+        return max(times) if times else None
+
+    def as_dict(self):
+        return {"stage": self.stage, "dry_run": True, "requests": self.requests, "cache_hits": self.cached,
+                "searches": self.searches, "prompt_tokens": round(self.prompt_tokens),
+                "completion_tokens": round(self.completion_tokens), "cost_usd": self.cost(),
+                "minutes": self.minutes(), "tokens_counted": self.counted,
+                "price": self.price.source if self.price else None}
+
+    def lines(self, extra=None):
+        """The report, a few lines a person reads."""
+        head = f"dry run of {self.stage}: nothing was sent"
+        lines = [head + (f" ({extra})" if extra else "")]
+        if self.searches or self.stage == "retrieval":
+            lines.append(f"  searches to send: {self.searches:,} (Serper credits), answered by the cache: "
+                         f"{self.cached:,}")
+        if self.requests or self.stage != "retrieval":
+            lines.append(f"  requests to send: {self.requests:,} (answered by the cache: {self.cached:,})")
+            lines.append(f"  prompt tokens: {self.prompt_tokens:,.0f}, {self.counted}")
+            lines.append(f"  expected completion tokens: {self.completion_tokens:,.0f} (n x the original "
+                         "response's length; reasoning tokens not included)")
+        cost = self.cost()
+        if cost is None:
+            lines.append("  cost: unknown (no price for this model: pass --price_input and --price_output)")
+        else:
+            source = self.price.source if self.price else "constant.SEARCH_PRICE"
+            lines.append(f"  expected cost: ${cost:,.4f} ({source})")
+        minutes = self.minutes()
+        if minutes is None:
+            lines.append("  expected time: unknown (no rate limit known: pass --max_requests_per_minute / "
+                         "--max_tokens_per_minute, or run once to learn the server's)")
+        else:
+            known = ", ".join(f"{v:,.0f} {k}/min" for k, v in self.limits.items() if v)
+            lines.append(f"  expected time at the rate limits ({known}): {minutes:,.1f} min")
+        return lines
