@@ -88,6 +88,7 @@ from realign.client import (
     resolve_api_key,
     resolve_base_url,
 )
+from realign.cache import request_key
 from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
 from realign.pricing import BudgetReached, DryRunReport, find_price
 
@@ -379,8 +380,9 @@ class Run:
         if reason is not None:
             return reason, None, fingerprint("passthrough", reason, record["items"][1]["value"])
         messages = build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval)
-        logical = Client.logical_chat(messages, self.sampling)
-        request = Client.key_of(self.args.base_url, CHAT, logical)
+        # The whole request body but not the server's address: the same request through
+        # another URL (a proxy, a moved server) still stands for the same line.
+        request = request_key(CHAT, Client.logical_chat(messages, self.sampling))
         return None, messages, fingerprint("rewrite", request, self.length_unit, self.args.tokenizer_path)
 
     def write(self, line, outcome=None):

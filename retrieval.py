@@ -7,44 +7,62 @@ Usage:
 
 Searches the instruction (``items[0].value``, as written) of every single-turn record
 whose category is in ``RAG_TASKS``; every other record is copied unchanged. Input: a
-classified dataset (JSON list or JSONL). Outputs, all records in input order:
+classified dataset (JSON list or JSONL), streamed: the dataset is never held in memory.
+Outputs, all records in input order:
 
     OUT                              items[0].evidence: at most 5 raw strings
     <OUT stem>_clean_evidence<ext>   the same, cleaned (the input of reformat.py)
-    <OUT stem>_progress.jsonl        one line per finished query; a rerun skips those
+    <OUT stem>_progress.jsonl        one line per finished query, with a fingerprint of the
+                                     query, gl and hl; a rerun skips the lines that match
     <OUT stem>_failures.json         ids whose search still failed (only when some did)
 
+A query the server refuses for good (HTTP 400 and other 4xx) is recorded in the progress
+file with its error and not sent again unless --retry_failed; it leaves the record without
+evidence and the exit status 0, with a warning. Every reply is kept in the request cache
+(--cache_dir), so a rerun into another folder searches nothing twice. --dry_run says how
+many searches (Serper credits) the run would send; --max_cost stops before the spend
+would pass a cap.
+
 Environment:
-    SERPER_API_KEY   the Serper API key (read only from here, never logged)
+    SERPER_API_KEY      the Serper API key (read only from here, never logged)
+    REALIGN_CACHE_DIR   the request cache (or --cache_dir; default ~/.cache/realign)
 
 Exit status: 0 all done; 1 some searches failed (rerun the same command to retry
-them) or the key was refused; 2 bad input.
+them), the budget was reached, or the key was refused; 2 bad input, or another process
+is writing the same progress file; 130 interrupted (finished searches are kept).
 """
 
 import argparse
+import collections
+import hashlib
+import json
 import logging
 import os
 import sys
-import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from tqdm import tqdm
-
-from constant import RAG_TASKS
+from constant import RAG_TASKS, SEARCH_PRICE
 from realign import (
     ConfigError,
+    FatalError,
+    OutputLock,
     ProgressWriter,
     check_constants,
     exits_cleanly,
     iter_progress,
-    load_records,
+    iter_records,
     non_negative_int,
     positive_float,
     positive_int,
     refuse_overwriting_input,
     setup_logging,
     write_json_atomic,
+    write_json_lists_atomic,
 )
+from realign.cache import Cache, request_key
+from realign.cli import progress_bar
+from realign.pool import Stopper
+from realign.pricing import Budget, BudgetReached, DryRunReport, Spend
 from realign.search import SERPER_URL, SearchFailed, make_session, search
 
 logger = logging.getLogger("retrieval")
@@ -133,42 +151,71 @@ def output_paths(output_path):
             "progress": f"{stem}_progress.jsonl", "failures": f"{stem}_failures.json"}
 
 
-def read_finished(progress_path, wanted):
-    """``{id: raw evidence}`` from a progress file, for the ids in ``wanted``.
+def search_body(query, gl, hl):
+    """What a search sends (and what its cache key is made of)."""
+    return {"q": query, "gl": gl, "hl": hl}
 
-    Lines for other ids (another input) or without a list of strings are ignored: those
-    queries are searched again.
-    """
-    finished = {}
+
+def search_key(query, gl, hl):
+    """Fingerprint of a search: progress made for another text or locale is not reused."""
+    return hashlib.sha256(json.dumps([query, gl, hl], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def read_finished(progress_path, keys):
+    """``({id: raw evidence}, {id: error of a refused query}, stale)`` from a progress file,
+    for the ids of ``keys`` whose fingerprint still matches (``stale`` counts the others)."""
+    finished, refused, stale = {}, {}, 0
     for entry in iter_progress(progress_path):
         if not isinstance(entry, dict):
             continue
-        record_id, evidence = entry.get("id"), entry.get("evidence")
-        if isinstance(record_id, (int, str)) and not isinstance(record_id, bool) and record_id in wanted \
-                and isinstance(evidence, list) and all(isinstance(text, str) for text in evidence):
+        record_id = entry.get("id")
+        if isinstance(record_id, bool) or not isinstance(record_id, (int, str)) or record_id not in keys:
+            continue
+        if entry.get("key") != keys[record_id]:
+            stale += 1
+            continue
+        evidence = entry.get("evidence")
+        if isinstance(evidence, list) and all(isinstance(text, str) for text in evidence):
             finished[record_id] = evidence
-    return finished
+            refused.pop(record_id, None)
+        elif entry.get("refused") and isinstance(entry.get("error"), str):
+            refused[record_id] = entry["error"]
+    return finished, refused, stale
 
 
 # -- searching -----------------------------------------------------------------------
 
 
-def run_searches(pending, args, api_key, progress_path, stats):
+def run_searches(pending, keys, args, api_key, progress_path, stats, cache, spend, budget, price, stopper):
     """Search the queries of ``pending`` (``{id: query}``), ``--batch_size`` at a time;
-    records that share a query share one search.
+    records that share a query share one search; the cache answers what it holds.
 
     Each finished record is appended to the progress file at once (from this thread
-    only). Returns ``({id: evidence}, {id: error})``. A :class:`FatalError` or Ctrl-C
-    stops the run: queued queries are dropped, the ones already sent are waited for and
-    saved, so that nothing paid for is searched again.
+    only), and so is a query the server refused for good. Returns ``({id: evidence},
+    {id: error} of queries that failed for now, {id: error} of refused ones)``. A stop
+    (SIGINT, SIGTERM, the budget) sends no new query; the ones already sent are waited for
+    and saved, so that nothing paid for is searched again. A FatalError stops at once.
     """
-    found, failed = {}, {}
-    stop = threading.Event()
+    found, failed, refused = {}, {}, {}
     session = make_session(args.batch_size)
 
     def search_one(query):
-        reply = search(session, query, api_key, url=args.search_url, gl=args.gl, hl=args.hl,
-                       timeout=args.timeout, max_retries=args.max_retries, stop=stop, stats=stats)
+        body = search_body(query, args.gl, args.hl)
+        key = request_key(args.search_url, body)
+        reply = cache.get(key) if cache is not None else None
+        if reply is not None:
+            stats["cache_hits"] += 1
+            return extract_evidence(reply)
+        ticket = budget.reserve(0, 0, fixed=price)
+        try:
+            reply = search(session, query, api_key, url=args.search_url, gl=args.gl, hl=args.hl,
+                           timeout=args.timeout, max_retries=args.max_retries, stop=stopper.for_requests,
+                           stats=stats)
+            spend.add_search(price)
+        finally:
+            budget.settle(ticket)
+        if cache is not None:
+            cache.put(key, reply)
         return extract_evidence(reply)
 
     ids_by_query = {}
@@ -180,17 +227,35 @@ def run_searches(pending, args, api_key, progress_path, stats):
     pool = ThreadPoolExecutor(max_workers=args.batch_size, thread_name_prefix="search")
     try:
         with ProgressWriter(progress_path) as progress, \
-                tqdm(total=len(pending), desc="search", unit="query", dynamic_ncols=True) as bar:
+                progress_bar(total=len(pending), desc="search", unit="query") as bar:
 
             def submit_next():
-                item = next(queue, None)
+                item = None if stopper.is_set() else next(queue, None)
                 if item is not None:
                     in_flight[pool.submit(search_one, item[0])] = item[1]
 
             def save(record_ids, evidence):
                 for record_id in record_ids:
-                    progress.write({"id": record_id, "evidence": evidence})
+                    progress.write({"id": record_id, "key": keys[record_id], "evidence": evidence})
                     found[record_id] = evidence
+
+            def settle(future, record_ids):
+                try:
+                    evidence = future.result()
+                except BudgetReached as e:
+                    stopper.stop("budget", str(e))
+                except SearchFailed as e:
+                    for record_id in record_ids:
+                        if e.permanent:
+                            refused[record_id] = str(e)
+                            progress.write({"id": record_id, "key": keys[record_id], "refused": True,
+                                            "error": str(e)})
+                        else:
+                            failed[record_id] = str(e)
+                        logger.warning("id %r: search %s: %s", record_id, "refused" if e.permanent else "failed", e)
+                else:
+                    save(record_ids, evidence)
+                bar.update(len(record_ids))
 
             try:
                 for _ in range(window):
@@ -198,19 +263,10 @@ def run_searches(pending, args, api_key, progress_path, stats):
                 while in_flight:
                     done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                     for future in done:
-                        record_ids = in_flight.pop(future)
-                        try:
-                            evidence = future.result()
-                        except SearchFailed as e:
-                            for record_id in record_ids:
-                                failed[record_id] = str(e)
-                                logger.warning("id %r: search failed: %s", record_id, e)
-                        else:
-                            save(record_ids, evidence)
-                        bar.update(len(record_ids))
+                        settle(future, in_flight.pop(future))
                         submit_next()
             except BaseException:
-                stop.set()  # no new request is sent; retry waits end at once
+                stopper.stop("error")  # no new request is sent; retry waits end at once
                 pool.shutdown(wait=True, cancel_futures=True)
                 for future, record_ids in in_flight.items():
                     if not future.cancelled() and future.exception() is None:
@@ -219,7 +275,7 @@ def run_searches(pending, args, api_key, progress_path, stats):
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         session.close()
-    return found, failed
+    return found, failed, refused
 
 
 # -- command line --------------------------------------------------------------------
@@ -248,6 +304,23 @@ def parse_args(argv=None):
                              "error, with backoff honouring Retry-After (default: 5)")
     parser.add_argument("--timeout", type=positive_float, default=30.0,
                         help="seconds to wait for one reply (default: 30)")
+    parser.add_argument("--retry_failed", action=argparse.BooleanOptionalAction, default=False,
+                        help="search again the queries the server refused for good in an earlier run "
+                             "(default: off)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="folder of the request cache (default: $REALIGN_CACHE_DIR, else ~/.cache/realign)")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer repeated searches from the cache and store new replies (default: on)")
+    parser.add_argument("--refresh_cache", action=argparse.BooleanOptionalAction, default=False,
+                        help="do not answer from the cache, but store the new replies (default: off)")
+    parser.add_argument("--dry_run", action=argparse.BooleanOptionalAction, default=False,
+                        help="send nothing: print how many searches the run would send and their cost")
+    parser.add_argument("--max_cost", type=positive_float, default=None,
+                        help="stop sending searches before the spend of this run would pass this many USD")
+    parser.add_argument("--price_per_search", type=positive_float, default=None,
+                        help=f"USD per search (default: constant.SEARCH_PRICE, {SEARCH_PRICE})")
+    parser.add_argument("--usage_path", default=None,
+                        help="also write this run's searches and spend (with --dry_run: the estimate) as JSON")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="log every retry (default: off)")
     args = parser.parse_args(argv)
@@ -263,39 +336,87 @@ def main(argv=None) -> int:
     check_constants()
     paths = output_paths(args.output_path)
     refuse_overwriting_input(args.input_data_path, *paths.values())
-    records = load_records(args.input_data_path)
 
-    wanted = {record["id"]: record["items"][0]["value"] for record in records if needs_retrieval(record)}
-    evidence = read_finished(paths["progress"], wanted)
-    pending = {record_id: query for record_id, query in wanted.items() if record_id not in evidence}
-    logger.info("%d records, %d to search: %d finished in %s, %d to go",
-                len(records), len(wanted), len(evidence), paths["progress"], len(pending))
+    # First pass, streaming: validate every record and note the queries; nothing is held
+    # but the queries of the records to search.
+    wanted, total, multi_turn = {}, 0, 0
+    for record in iter_records(args.input_data_path):
+        total += 1
+        multi_turn += len(record["items"]) > 2
+        if needs_retrieval(record):
+            wanted[record["id"]] = record["items"][0]["value"]
+    keys = {record_id: search_key(query, args.gl, args.hl) for record_id, query in wanted.items()}
+    price = SEARCH_PRICE if args.price_per_search is None else args.price_per_search
+    cache = None
+    if args.dry_run:
+        cache = open_cache(args, write=False)
+        return dry_run(args, paths, wanted, keys, cache, price)
+    evidence, refused, _ = read_finished(paths["progress"], keys)
+    if any(record_id not in evidence and (record_id not in refused or args.retry_failed) for record_id in wanted) \
+            and not os.environ.get("SERPER_API_KEY", "").strip():  # before anything is written
+        raise ConfigError("SERPER_API_KEY is not set: export your Serper API key (https://serper.dev) "
+                          "to search the queries of the records of RAG_TASKS")
+    with OutputLock(paths["progress"]):
+        cache = open_cache(args)
+        return search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn)
+
+
+def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn):
+    evidence, refused, stale = read_finished(paths["progress"], keys)
+    if args.retry_failed and refused:
+        logger.info("--retry_failed: searching again %d queries the server refused before", len(refused))
+        refused = {}
+    if stale:
+        logger.warning("%s: %d lines were made for another query text or locale: searching them again",
+                       paths["progress"], stale)
+    pending = {record_id: query for record_id, query in wanted.items()
+               if record_id not in evidence and record_id not in refused}
+    logger.info("%d records, %d to search: %d finished in %s, %d refused before (not sent again; "
+                "--retry_failed to try them), %d to go", total, len(wanted), len(evidence), paths["progress"],
+                len(refused), len(pending))
 
     resumed = len(evidence)
-    stats, failed = {}, {}
+    stats, failed = collections.Counter(), {}
+    spend = Spend()
+    budget = Budget(args.max_cost, spend)
+    stopper = Stopper()
     if pending:
         api_key = os.environ.get("SERPER_API_KEY", "").strip()
         if not api_key:
             raise ConfigError("SERPER_API_KEY is not set: export your Serper API key (https://serper.dev) "
                               f"to search {len(pending)} queries")
-        found, failed = run_searches(pending, args, api_key, paths["progress"], stats)
+        with stopper.signals_handled():
+            found, failed, newly_refused = run_searches(pending, keys, args, api_key, paths["progress"], stats,
+                                                        cache, spend, budget, price, stopper)
         evidence.update(found)
+        refused.update(newly_refused)
+    if cache is not None:
+        cache.close()
+    summary = (f"searched now: {len(evidence) - resumed}, from progress: {resumed}, refused: {len(refused)}, "
+               f"failed: {len(failed)}, requests: {stats['requests']}, retries: {stats['retries']}, "
+               f"cache hits: {stats['cache_hits']}, {spend.describe()}")
+    write_usage(args, stats, spend, stopper)
+    if stopper.is_set():
+        logger.info("stopped (%s): %s; outputs not written: rerun to continue", stopper.reason, summary)
+        if stopper.reason == "budget":
+            raise FatalError(f"{stopper.message}; the finished searches are in {paths['progress']}: rerun with a "
+                             "higher --max_cost to continue")
+        raise KeyboardInterrupt
 
-    raw_records, clean_records = [], []
-    cleaned_away = 0
-    for record in records:
-        if record["id"] not in wanted:
-            raw_records.append(record)
-            clean_records.append(record)
-            continue
-        raw = evidence.get(record["id"])  # None: the search failed
-        clean = clean_evidence(raw) if raw is not None else None
-        if raw is not None and not clean:
-            cleaned_away += 1
-        raw_records.append(with_evidence(record, raw))
-        clean_records.append(with_evidence(record, clean or None))
-    write_json_atomic(paths["raw"], raw_records)
-    write_json_atomic(paths["clean"], clean_records)
+    counts = collections.Counter()
+
+    def rows():
+        for record in iter_records(args.input_data_path):
+            if record["id"] not in wanted:
+                yield record, record
+                continue
+            raw = evidence.get(record["id"])  # None: no result (failed or refused)
+            clean = clean_evidence(raw) if raw is not None else None
+            counts["with evidence"] += bool(clean)
+            counts["cleaned away"] += raw is not None and not clean
+            yield with_evidence(record, raw), with_evidence(record, clean or None)
+
+    write_json_lists_atomic([paths["raw"], paths["clean"]], rows())
 
     failed_ids = [record_id for record_id in wanted if record_id in failed]
     if failed_ids:
@@ -308,15 +429,51 @@ def main(argv=None) -> int:
     elif os.path.exists(paths["failures"]):
         os.remove(paths["failures"])  # stale: every earlier failure has now been searched
         logger.info("removed %s: no search failed", paths["failures"])
+    if refused:
+        logger.warning("%d queries were refused by the search server for good (e.g. id %r: %s); they have no "
+                       "evidence and are not sent again (rerun with --retry_failed to try them)", len(refused),
+                       next(iter(refused)), next(iter(refused.values())))
 
-    multi_turn = sum(1 for record in records if len(record["items"]) > 2)
-    logger.info("#in: %d, searched: %d (now: %d, from progress: %d), with evidence: %d, cleaned away: %d, "
-                "failed: %d, skipped as non-RAG: %d, skipped as multi-turn: %d, requests: %d, retries: %d",
-                len(records), len(evidence), len(evidence) - resumed, resumed, len(evidence) - cleaned_away,
-                cleaned_away, len(failed_ids), len(records) - len(wanted) - multi_turn, multi_turn,
-                stats.get("requests", 0), stats.get("retries", 0))
+    logger.info("#in: %d, searched: %d, with evidence: %d, cleaned away: %d, skipped as non-RAG: %d, "
+                "skipped as multi-turn: %d, %s", total, len(evidence), counts["with evidence"],
+                counts["cleaned away"], total - len(wanted) - multi_turn, multi_turn, summary)
     logger.info("wrote %s and %s", paths["raw"], paths["clean"])
     return 1 if failed_ids else 0
+
+
+def open_cache(args, write=True):
+    if not args.cache:
+        return None
+    return Cache(args.cache_dir, read=not args.refresh_cache, write=write)
+
+
+def write_usage(args, stats, spend, stopper, report=None):
+    if args.usage_path:
+        write_json_atomic(args.usage_path, report or {
+            "stage": "retrieval", "dry_run": False, "requests": stats["requests"], "searches": spend.searches,
+            "cache_hits": stats["cache_hits"], "cost_usd": spend.cost, "stopped": stopper.reason})
+
+
+def dry_run(args, paths, wanted, keys, cache, price):
+    """Send nothing; say how many searches the run would send and what they cost."""
+    evidence, refused, _ = read_finished(paths["progress"], keys)
+    report = DryRunReport("retrieval", cache, None, None, {}, search_price=price)
+    seen_queries = set()
+    for record_id, query in wanted.items():
+        if record_id in evidence or (record_id in refused and not args.retry_failed) or query in seen_queries:
+            continue
+        seen_queries.add(query)
+        if report.is_cached(request_key(args.search_url, search_body(query, args.gl, args.hl))):
+            report.add_cached()
+        else:
+            report.add_search()
+    for line in report.lines(extra=f"{len(wanted)} records to search, {len(evidence)} in "
+                                   f"{paths['progress']}"):
+        print(line)
+    write_usage(args, None, None, None, report.as_dict())
+    if cache is not None:
+        cache.close()
+    return 0
 
 
 if __name__ == "__main__":

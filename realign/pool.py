@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 
 from realign.cli import FatalError
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE = 10.0  # seconds the requests in flight may still take after a stop signal
 REJECTION_LIMIT = 8  # this many refused requests before any success: the settings are wrong
+DUPLICATE_SIGNAL_WINDOW = 1.0  # a second signal sooner than this is the same stop, not "stop at once"
 
 
 class Stopped(Exception):
@@ -37,6 +39,7 @@ class Stopper:
         self.reason = None
         self.message = None
         self.signals = 0
+        self._first_signal = 0.0
         self._event = threading.Event()
         self._loops = []
         self._on_hard_stop = []
@@ -70,10 +73,25 @@ class Stopper:
     def interrupted(self):
         return self.reason == "signal"
 
+    def requests_blocked(self):
+        """Whether requests already admitted must not be sent (or retried) either: a signal
+        or an error, not a budget stop."""
+        return self._event.is_set() and self.reason != "budget"
+
+    @property
+    def for_requests(self):
+        """An Event-like view (``is_set``, ``wait``) that is set only when requests are
+        blocked: what a retry loop in a thread waits on."""
+        return _RequestsBlocked(self)
+
     def _handle_signal(self, signum, _frame):
+        now = time.monotonic()
+        if self.signals and now - self._first_signal < DUPLICATE_SIGNAL_WINDOW:
+            return  # the same stop told twice (scancel signals every process, and the launcher passes it on)
         self.signals += 1
         name = signal.Signals(signum).name
         if self.signals == 1:
+            self._first_signal = now
             logger.warning("%s: no new requests; saving what finishes within %.0f s (again to stop at once)",
                            name, STOP_GRACE)
             self.stop("signal", f"stopped by {name}")
@@ -107,6 +125,26 @@ class Stopper:
     def _detach(self, entry):
         with contextlib.suppress(ValueError):
             self._loops.remove(entry)
+
+
+class _RequestsBlocked:
+    def __init__(self, stopper):
+        self._stopper = stopper
+
+    def is_set(self):
+        return self._stopper.requests_blocked()
+
+    def wait(self, timeout):
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._stopper.is_set():  # stopped for the budget: admitted requests go on
+                time.sleep(min(left, 0.25))
+            else:
+                self._stopper.wait(min(left, 0.25))
+        return True
 
 
 class RefusalPolicy:

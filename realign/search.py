@@ -21,8 +21,13 @@ _stats_lock = threading.Lock()  # many threads count into one stats dict
 
 
 class SearchFailed(Exception):
-    """This one query has no result: refused by the server (a 4xx other than 401/403/404),
-    or a transient failure that outlived the retries. The run goes on without it."""
+    """This one query has no result: refused by the server (a 4xx other than 401/403/404:
+    ``permanent``, no retry heals it), or a transient failure that outlived the retries.
+    The run goes on without it."""
+
+    def __init__(self, message, permanent=False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class SearchCancelled(SearchFailed):
@@ -64,7 +69,8 @@ def search(session, query, api_key, url=SERPER_URL, gl="us", hl="en", timeout=30
     Retries timeouts, connection errors, 408/409/429/5xx and a 200 whose body is not a
     JSON object, up to ``max_retries`` times, waiting ``Retry-After`` when the server
     sends it, else exponential backoff from ``backoff`` seconds. ``stop`` (a
-    ``threading.Event``) cuts a wait short and raises :class:`SearchCancelled`.
+    ``threading.Event`` or a realign.pool.Stopper) cuts a wait short and raises
+    :class:`SearchCancelled`.
     ``stats`` (a dict, may be shared by threads) counts ``requests`` and ``retries``.
 
     Raises :class:`FatalError` on 401/403 (the key) and 404 (the URL), which no retry
@@ -109,7 +115,7 @@ def search(session, query, api_key, url=SERPER_URL, gl="us", hl="en", timeout=30
                 problem = f"HTTP {status}"
                 retry_after = response.headers.get("Retry-After")
             else:
-                raise SearchFailed(f"HTTP {status}{_server_message(response)}")
+                raise SearchFailed(f"HTTP {status}{_server_message(response)}", permanent=True)
         if attempt >= max_retries:
             raise SearchFailed(f"{problem} after {attempt + 1} attempts")
         delay = retry_delay(attempt, retry_after, base=backoff)

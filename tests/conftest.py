@@ -14,9 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Every test gets an empty request cache of its own (never the user's ~/.cache)."""
-    path = tmp_path / "request-cache"
+def own_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty request cache of its own (never the user's ~/.cache),
+    outside its tmp_path so that it never shows among the test's output files."""
+    path = tmp_path_factory.mktemp("request-cache")
     monkeypatch.setenv("REALIGN_CACHE_DIR", str(path))
     return path
 

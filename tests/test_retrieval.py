@@ -3,10 +3,12 @@
 import collections
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from realign.standins import DEFAULT_SERPER_KEY, FakeSerperServer
@@ -316,6 +318,89 @@ def test_a_failing_query_is_reported_exits_1_and_is_retried_next_run(fake_serper
     assert not failures_path.exists()  # the stale list is removed
 
 
+def test_a_query_refused_for_good_is_recorded_and_not_sent_again(fake_serper, tmp_path, capsys):
+    records = [record(1, "Fine?", "open_qa"), record(2, "Refused?", "open_qa")]
+    fake_serper.add_fault(400, times=None, match=lambda body: body["q"] == "Refused?")
+    input_path = write_input(tmp_path, records)
+    output = str(tmp_path / "out.json")
+    assert run(input_path, output, fake_serper) == 0  # recorded, with a warning: not a failure
+    err = capsys.readouterr().err
+    assert "1 queries were refused by the search server for good (e.g. id 2: HTTP 400: Bad request.)" in err
+    assert queries_sent(fake_serper) == ["Fine?", "Refused?"]  # a 400 is not retried
+    assert "evidence" not in read_json(output)[1]["items"][0]
+    assert read_lines(str(tmp_path / "out_progress.jsonl"))[-1] == {
+        "id": 2, "key": retrieval.search_key("Refused?", "us", "en"), "refused": True,
+        "error": "HTTP 400: Bad request."}
+    assert not os.path.exists(tmp_path / "out_failures.json")
+
+    fake_serper.requests.clear()
+    assert run(input_path, output, fake_serper) == 0
+    assert queries_sent(fake_serper) == []  # the rerun does not pay for it again
+    fake_serper._faults.clear()
+    assert run(input_path, output, fake_serper, "--retry_failed") == 0
+    assert queries_sent(fake_serper) == ["Refused?"]
+    assert read_json(output)[1]["items"][0]["evidence"][0] == "Result 1 about Refused?."
+
+
+def test_the_cache_answers_a_rerun_into_a_fresh_folder(fake_serper, tmp_path):
+    records = [record(i, f"Query {i}?", "open_qa") for i in range(6)]
+    input_path = write_input(tmp_path, records)
+    assert run(input_path, str(tmp_path / "a" / "out.json"), fake_serper) == 0
+    fake_serper.requests.clear()
+    assert run(input_path, str(tmp_path / "b" / "out.json"), fake_serper) == 0
+    assert queries_sent(fake_serper) == []
+    assert read_json(str(tmp_path / "b" / "out.json")) == read_json(str(tmp_path / "a" / "out.json"))
+    fake_serper.requests.clear()
+    assert run(input_path, str(tmp_path / "c" / "out.json"), fake_serper, "--refresh_cache") == 0
+    assert len(queries_sent(fake_serper)) == 6
+
+
+def test_dry_run_counts_the_searches_and_max_cost_stops_before_the_cap(fake_serper, tmp_path, capsys):
+    records = [record(i, f"Query {i}?", "open_qa") for i in range(10)] + [record(99, "Query 0?", "open_qa")]
+    input_path = write_input(tmp_path, records)
+    output = str(tmp_path / "out.json")
+    assert run(input_path, output, fake_serper, "--dry_run") == 0
+    report = capsys.readouterr().out
+    assert "searches to send: 10 (Serper credits)" in report  # two records share one query
+    assert "expected cost: $0.0100" in report
+    assert fake_serper.requests == [] and os.listdir(tmp_path) == ["classified.json"]
+
+    assert run(input_path, output, fake_serper, "--max_cost", "0.0045", "--batch_size", "1") == 1
+    err = capsys.readouterr().err
+    assert "budget reached: $0.0040 of $0.0045" in err
+    assert len(queries_sent(fake_serper)) == 4 and not os.path.exists(output)
+    fake_serper.requests.clear()
+    assert run(input_path, output, fake_serper) == 0
+    assert len(queries_sent(fake_serper)) == 6
+
+
+def test_sigterm_saves_the_finished_searches_and_a_rerun_sends_only_the_rest(tmp_path):
+    records = [record(i, f"Query {i}?", "open_qa") for i in range(60)]
+    input_path = write_input(tmp_path, records)
+    output = tmp_path / "out.json"
+    progress = tmp_path / "out_progress.jsonl"
+    with FakeSerperServer(latency=0.2) as server:
+        command = [sys.executable, os.path.join(ROOT, "retrieval.py"), "--input_data_path", input_path,
+                   "--output_path", str(output), "--search_url", server.search_url, "--batch_size", "4",
+                   "--no-cache"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while (not progress.exists() or len(progress.read_text().splitlines()) < 8) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err
+        saved = read_lines(str(progress))
+        sent_first = len(server.requests)
+        assert 8 <= len(saved) < 60 and sent_first == len(saved)  # the searches in flight were saved too
+        assert not output.exists()
+
+        server.requests.clear()
+        assert run(input_path, str(output), server, "--no-cache") == 0
+        assert len(server.requests) == 60 - len(saved)
+        assert [r["id"] for r in read_json(str(output))] == list(range(60))
+
+
 def test_resume_after_a_crash_searches_nothing_twice(fake_serper, tmp_path, capsys):
     fake_serper.latency = 0.05
     records = [record(100 + 10 * i, f"Question {i}?", "open_qa") for i in range(8)]
@@ -364,11 +449,16 @@ def test_finished_progress_is_used_as_saved(fake_serper, tmp_path):
     records = [record(1, "One?", "open_qa"), record("two", "Two?", "open_qa")]
     input_path = write_input(tmp_path, records)
     output = str(tmp_path / "out.json")
+    key = retrieval.search_key("Two?", "us", "en")
     (tmp_path / "out_progress.jsonl").write_text(
-        json.dumps({"id": "two", "evidence": ["Saved earlier.", "Posted: yesterday"]}) + "\n"
-        + json.dumps({"id": 2, "evidence": ["Another input's record."]}) + "\n", encoding="utf-8")
+        json.dumps({"id": "two", "key": key, "evidence": ["Saved earlier.", "Posted: yesterday"]}) + "\n"
+        + json.dumps({"id": 2, "key": key, "evidence": ["Another input's record."]}) + "\n"
+        + json.dumps({"id": 1, "key": retrieval.search_key("An older text of One?", "us", "en"),
+                      "evidence": ["Evidence for a question since edited."]}) + "\n", encoding="utf-8")
     assert run(input_path, output, fake_serper) == 0
-    assert queries_sent(fake_serper) == ["One?"]
+    assert queries_sent(fake_serper) == ["One?"]  # the edited question is searched again
+    assert read_json(output)[0]["items"][0]["evidence"] == ["Result 1 about One?.", "Result 2 about One?.",
+                                                           "Result 3 about One?."]
     assert read_json(output)[1]["items"][0]["evidence"] == ["Saved earlier.", "Posted: yesterday"]
     assert read_json(str(tmp_path / "out_clean_evidence.json"))[1]["items"][0]["evidence"] == ["Saved earlier."]
 
