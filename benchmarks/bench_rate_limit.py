@@ -1,0 +1,145 @@
+"""Benchmark the rate-limit pacing of reformat.py against a fake that enforces RPM and TPM as OpenAI does.
+
+Usage:
+    .venv/bin/python benchmarks/bench_rate_limit.py
+    .venv/bin/python benchmarks/bench_rate_limit.py --cases requests --records 300
+
+The fake (`realign/standins.py openai --rpm ... --tpm ... --rate-initial 0`) keeps one token
+bucket per limit for everyone who uses the key: it refills at limit/60 per second, starts
+empty (the steady state of a long job: 600 requests at 1,200 requests/minute take 30 s at
+best), counts every arrival against the limit, refused ones too, answers a refused request
+429 at once, and sends x-ratelimit-limit/remaining/reset headers on every reply. It runs in
+its own process; so does each reformat.py (--top_k 2, --concurrency 64, no cache).
+
+Cases:
+    requests   one process, 1,200 requests/minute, --latency 0.2
+    tokens     one process, bound by tokens/minute (a request counts its prompt words plus
+               n x --target_length, as the fake counts it), --latency 0.2
+    shared     --processes (4) processes by batch id sharing one key's 1,200 requests/minute
+
+Printed per case: the time, records/s as a share of what the limit allows
+(ideal time / time), and the share of requests answered 429 (from the fake's counts).
+Targets (issue "Today's APIs"): requests and tokens >= 90% with <= 5% 429; shared >= 80%
+with <= 10% 429.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from realign.standins import spawn, stop_spawned  # noqa: E402
+
+TEXT = ("the format of an answer matters as much as its content when a reader scans it for the one "
+        "fact they need so every response is checked against the task and rewritten with care")
+
+
+def synthetic_records(n):
+    """``n`` single-turn records of rewrite tasks without evidence, ~60-word responses."""
+    from constant import RAG_TASKS, REWRITE_TASK
+
+    tasks = [task for task in REWRITE_TASK if task not in RAG_TASKS]
+    words = TEXT.split()
+    return [{"id": i, "items": [
+        {"from": "human", "value": f"Question {i}: how does {' '.join(words[i % 9:i % 9 + 8])} work?",
+         "category": tasks[i % len(tasks)]},
+        {"from": "gpt", "value": " ".join(words[(i + j) % len(words)] for j in range(60))}]} for i in range(n)]
+
+
+def token_cost(records, n, cap):
+    """What the fake counts against the token limit for one request per record: the words of
+    the messages (as its usage counts them) plus n x the output cap."""
+    import reformat
+
+    total = 0
+    for record in records:
+        messages = reformat.build_rewrite_messages(record)
+        total += sum(len(m["content"].split()) for m in messages) + n * cap
+    return total
+
+
+def run_case(name, records, processes, rpm, tpm, latency, concurrency, target_length, workdir):
+    server, port = spawn("openai", latency=latency, rpm=rpm, tpm=tpm, rate_initial=0)
+    input_path = os.path.join(workdir, f"{name}.json")
+    with open(input_path, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    env = {**os.environ, "OPENAI_API_KEY": "bench-key", "REALIGN_CACHE_DIR": os.path.join(workdir, "cache")}
+    commands = [[sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", input_path,
+                 "--output_directory", os.path.join(workdir, name), "--dataset_batch_id", str(i),
+                 "--dataset_batch_num", str(processes), "--top_k", "2", "--concurrency", str(concurrency),
+                 "--target_length", str(target_length), "--base_url", f"http://127.0.0.1:{port}/v1",
+                 "--no-cache"] for i in range(processes)]
+    started = time.perf_counter()
+    children = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for command in commands]
+    errors = [child.communicate()[1] for child in children]
+    elapsed = time.perf_counter() - started
+    stats = stop_spawned(server)
+    for child, err in zip(children, errors):
+        if child.returncode != 0:
+            raise SystemExit(f"{name}: reformat.py exited {child.returncode}:\n{err[-2000:]}")
+    # The request phase only: from the first request to the last reply, as the summary lines say.
+    phases = [float(m.group(1)) for err in errors for m in [re.search(r", ([\d.]+) s \([\d.]+ records/s\)", err)]
+              if m]
+    requests = stats.get("requests", 0) - processes  # less the model check of each process
+    refused = sum((stats.get("rate_limited") or {}).values())
+    ideal = max(len(records) / (rpm / 60.0) if rpm else 0.0,
+                token_cost(records, 2, target_length) / (tpm / 60.0) if tpm else 0.0)
+    phase = max(phases) if phases else elapsed
+    return {"case": name, "records": len(records), "processes": processes, "rpm": rpm, "tpm": tpm,
+            "ideal_s": ideal, "elapsed_s": elapsed, "request_phase_s": phase, "share_of_limit": ideal / phase,
+            "requests": requests, "refused_429": refused, "share_429": refused / max(1, requests)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Pacing under OpenAI-style rate limits.")
+    parser.add_argument("--records", type=int, default=600, help="records per case (default: 600)")
+    parser.add_argument("--rpm", type=int, default=1200, help="requests per minute of the fake (default: 1200)")
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds per reply (default: 0.2)")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight per process (default: 64)")
+    parser.add_argument("--target_length", type=int, default=512, help="output cap per candidate (default: 512)")
+    parser.add_argument("--processes", type=int, default=4, help="processes of the shared case (default: 4)")
+    parser.add_argument("--cases", nargs="+", choices=("requests", "tokens", "shared"),
+                        default=["requests", "tokens", "shared"], help="which cases to run")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = synthetic_records(args.records)
+    # The token case: a limit that allows the same 600 records in 30 s as the request limit,
+    # with requests nearly unlimited, so that the tokens bind.
+    tpm = int(token_cost(records, 2, args.target_length) / (len(records) / (args.rpm / 60.0)) * 60)
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for case in args.cases:
+            if case == "requests":
+                result = run_case(case, records, 1, args.rpm, None, args.latency, args.concurrency,
+                                  args.target_length, workdir)
+            elif case == "tokens":
+                result = run_case(case, records, 1, 100 * args.rpm, tpm, args.latency, args.concurrency,
+                                  args.target_length, workdir)
+            else:
+                result = run_case(case, records, args.processes, args.rpm, None, args.latency, args.concurrency,
+                                  args.target_length, workdir)
+            results.append(result)
+            limit = f"{result['rpm']:,} requests/min" if case != "tokens" else f"{tpm:,} tokens/min"
+            print(f"{case:9s} {result['processes']} process(es), {result['records']} records, {limit}, "
+                  f"latency {args.latency:g} s, concurrency {args.concurrency}: {result['request_phase_s']:.1f} s "
+                  f"of requests, {result['elapsed_s']:.1f} s end to end (ideal {result['ideal_s']:.1f} s) = "
+                  f"{result['share_of_limit']:.1%} of the limit; "
+                  f"429: {result['refused_429']} of {result['requests']} requests = {result['share_429']:.1%}",
+                  flush=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
