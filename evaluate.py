@@ -93,7 +93,9 @@ from realign.records import write_atomic  # the one atomic writer (see write_tex
 logger = logging.getLogger("evaluate")
 
 JUDGES = ("factuality", "readability")
-DEFAULT_JUDGE_MODEL = "gpt-4"  # the paper's judge
+DEFAULT_JUDGE_MODEL = "gpt-6-sol"  # the paper judged with GPT-4; today's strong OpenAI model
+JUDGE_MAX_TOKENS = 1024  # a short explanation, then the verdict
+JUDGE_EXPECTED_TOKENS = 200  # what one verdict costs, for --max_cost and the dry run
 NO_TASK = "(none)"  # records without items[0].category
 NO_GROUP = "(no group)"  # tasks that TASK_GROUPS does not list
 RECORDS_PER_BATCH = 2048  # records per length-counting call (a tokenizer counts a batch at once)
@@ -475,13 +477,99 @@ async def run_judges(samples, ask, max_retries):
 
 
 def make_judge_ask(args):
-    """The ``ask`` callable for :func:`run_judges`, built from the command line.
+    """The ``ask`` callable for :func:`run_judges`: one chat request through the shared client
+    (realign/client.py: retries, pacing, the request cache, the spend and --max_cost),
+    temperature 0, at most --concurrency at once. The client is made inside the event loop,
+    on the first call, after the model check; with --dry_run ``ask`` only counts.
 
-    LEAD: plug the shared client (realign/client.py) in here: --judge_model, --base_url,
-    --max_cost, --dry_run, OPENAI_API_KEY; temperature 0. Until then the judges cannot run.
+    Returns ``(ask, close)``: ``await close()`` ends the client and says what was spent.
     """
-    raise FatalError("the judges need the shared OpenAI-compatible client (realign/client.py), "
-                     "which evaluate.py does not use yet; run without --judge for the free measures")
+    from realign.client import Client, RequestRejected, RetriesExhausted, Sampling, default_reasoning_effort
+    from realign.pricing import BudgetReached, DryRunReport, find_price
+
+    effort, is_default = default_reasoning_effort(args.judge_model, args.reasoning_effort)
+    sampling = Sampling(model=args.judge_model, n=1, temperature=0.0, max_output_tokens=JUDGE_MAX_TOKENS,
+                        reasoning_effort=effort, service_tier=args.service_tier,
+                        extra_body=dict(args.extra_body or {}), effort_is_default=is_default)
+    price = find_price(args.judge_model, "flex" if args.service_tier == "flex" else "online", args.price_input,
+                       args.price_output, args.price_cached_input)
+    if args.max_cost is not None and price is None:
+        raise InputError(f"--max_cost needs a price for {args.judge_model!r}, which constant.MODEL_PRICES does not "
+                         "list: pass --price_input and --price_output (USD per million tokens)")
+    cache = None
+    if args.cache:
+        from realign.cache import Cache
+
+        cache = Cache(args.cache_dir, read=not args.refresh_cache, write=not args.dry_run)
+    state = {}
+
+    if args.dry_run:
+        report = DryRunReport("evaluate (judges)", cache, None, price, {}, JUDGE_MAX_TOKENS)
+        state["report"] = report
+
+        async def ask(messages):
+            if report.is_cached(Client.key_of(args.base_url, "/chat/completions",
+                                              Client.logical_chat(messages, sampling))):
+                report.add_cached()
+            else:
+                report.add_request(report.count_prompt(messages), JUDGE_EXPECTED_TOKENS)
+            return None  # no reply: nothing is re-asked
+
+        async def close():
+            for line in report.lines(extra=f"judge model {args.judge_model}"):
+                print(line)
+            if cache is not None:
+                cache.close()
+
+        return ask, close
+
+    from realign.client import resolve_api_key, resolve_base_url
+
+    base_url = resolve_base_url(args.base_url)
+    api_key = resolve_api_key(None, base_url)
+
+    async def start():
+        client = Client(base_url, api_key, timeout=args.request_timeout or 600.0, max_retries=args.max_retries,
+                        rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute, cache=cache,
+                        price=price, max_cost=args.max_cost)
+        state["semaphore"] = asyncio.Semaphore(args.concurrency)
+        await client.check_model(args.judge_model)
+        state["client"] = client
+        return client
+
+    async def ask(messages):
+        if "starting" not in state:
+            state["starting"] = asyncio.ensure_future(start())
+        client = await state["starting"]
+        async with state["semaphore"]:
+            try:
+                answer = await client.chat(messages, sampling, expected_output=JUDGE_EXPECTED_TOKENS,
+                                           accept=lambda reply: reply_text(reply) is not None)
+            except (RequestRejected, RetriesExhausted) as e:
+                logger.warning("a judge request got no reply: %s", e)
+                return None
+            except BudgetReached as e:
+                raise FatalError(f"{e}; the replies so far are in the request cache: rerun with a higher "
+                                 "--max_cost to go on") from None
+        return reply_text(answer.reply)
+
+    async def close():
+        client = state.get("client")
+        if client is not None:
+            logger.info("judges: %s", client.describe())
+            await client.close()
+        if cache is not None:
+            cache.close()
+
+    return ask, close
+
+
+def reply_text(reply):
+    """The content of a chat reply's first choice, or None."""
+    choices = reply.get("choices") or []
+    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
 
 
 def _mean(values):
@@ -862,8 +950,6 @@ def parse_args(argv=None):
                         help="add a model judge (repeatable): factuality (needs --reference_path), readability")
     parser.add_argument("--judge_model", default=DEFAULT_JUDGE_MODEL,
                         help=f"judge model (default {DEFAULT_JUDGE_MODEL}, the paper's)")
-    parser.add_argument("--base_url", default=None,
-                        help="OpenAI-compatible endpoint for the judge (default: $OPENAI_BASE_URL or OpenAI)")
     parser.add_argument("--reference_path", default=None,
                         help="records whose items[1].value is the reference answer, paired by id (factuality)")
     parser.add_argument("--judge_sample", type=positive_int, default=None,
@@ -872,11 +958,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_judge_retries", type=non_negative_int, default=2,
                         help="re-ask a reply without a well-formed verdict this many times, then count it "
                              "apart (default 2)")
-    parser.add_argument("--max_cost", type=positive_float, default=None,
-                        help="stop sending judge requests once this many dollars are spent")
-    parser.add_argument("--dry_run", action=argparse.BooleanOptionalAction, default=False,
-                        help="count the judge requests and their cost without sending them")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
+    from realign.client import add_client_arguments
+
+    add_client_arguments(parser, default_concurrency=16)
     args = parser.parse_args(argv)
     args.judge = list(dict.fromkeys(args.judge))
     if "factuality" in args.judge and not args.reference_path:
@@ -923,7 +1008,15 @@ def judge_samples(args, samplers, ask, summary):
     requests = sum(2 * len(items) for items in samples.values())
     logger.info("judging with %s: %s (at most %d requests before re-asks)", args.judge_model,
                 ", ".join(f"{j} {len(items):,} record(s)" for j, items in samples.items()), requests)
-    results = asyncio.run(run_judges(samples, ask, args.max_judge_retries))
+    ask, close = ask
+
+    async def judge_all():
+        try:
+            return await run_judges(samples, ask, args.max_judge_retries)
+        finally:
+            await close()
+
+    results = asyncio.run(judge_all())
     summary["judges"], verdicts = {}, defaultdict(dict)
     for judge, by_line in results.items():
         summary["judges"][judge] = SUMMARIZERS[judge](by_line, samplers[judge].offered, args.judge_model)
@@ -966,6 +1059,9 @@ def main(argv=None) -> int:
         summary, overall_stats = measure_files(args.original_path, args.rewritten_path, count_lengths,
                                                args.allow_unpaired, args.rewrite_threshold, on_record)
         verdicts = judge_samples(args, samplers, ask, summary) if args.judge else {}
+        if args.dry_run:
+            logger.info("dry run: nothing was sent and nothing written (%s)", headline(summary))
+            return 0
         document = {"headline": headline(summary), **summary}
         # Render everything before writing anything: a failure leaves no half set of outputs.
         report = render_report(document, plot_link(args.report_path, args.plot_path)) if args.report_path else None

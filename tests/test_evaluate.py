@@ -388,21 +388,24 @@ def test_main_end_to_end(tmp_path, caplog):
     check_png(plot)
 
 
-def test_main_with_judges_through_a_stub_client(tmp_path, monkeypatch):
+def judge_reply(body, choice_index):
+    """The fake judge: factuality 9 for the longer rewrite of record 11, else 5; readability
+    prefers the text "one two three four five six" wherever it is shown."""
+    text = body["messages"][1]["content"]
+    if "[Reference answer start]" in text:
+        return "Reasonable. [[9]]" if "six seven" in text else "[[5]]"
+    return "[[B]]" if "Answer B start]\none two three four five six" in text else "[[A]]"
+
+
+def test_main_with_judges_against_the_fake_server(tmp_path, fake_openai, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-judge-secret-77")
     original_path, final_path = inputs(tmp_path)
     reference_path = write_json(tmp_path / "reference.json", [rec(10, "ten letters"), rec(11, "five"), rec(99, "x")])
-
-    async def ask(messages):
-        text = messages[1]["content"]
-        if "[Reference answer start]" in text:
-            return "[[9]]" if "six seven" in text else "[[5]]"  # the longer rewrite of 11 scores higher
-        return "[[B]]" if "Answer B start]\none two three four five six" in text else "[[A]]"
-
-    monkeypatch.setattr(evaluate, "make_judge_ask", lambda args: ask)
+    fake_openai.chat_responder = judge_reply
     out, report, plot = tmp_path / "eval.json", tmp_path / "eval.md", tmp_path / "eval.png"
     assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path,
                           "--judge", "factuality", "--judge", "readability", "--reference_path", reference_path,
-                          "--judge_model", "judge-x", "--output_path", str(out), "--report_path", str(report),
+                          "--base_url", fake_openai.url, "--output_path", str(out), "--report_path", str(report),
                           "--plot_path", str(plot)]) == 0
     data = read_json(out)
     factuality, readability = data["judges"]["factuality"], data["judges"]["readability"]
@@ -420,28 +423,60 @@ def test_main_with_judges_through_a_stub_client(tmp_path, monkeypatch):
     assert "factuality" not in records[13]  # no reference for 13
     assert data["headline"].endswith("; factuality 5.00 -> 7.00 (2 judged); readability win/tie/loss 20%/80%/0%")
     text = report.read_text(encoding="utf-8")
-    assert "### Factuality (judge judge-x" in text and "### Readability (judge judge-x" in text
+    assert "### Factuality (judge gpt-6-sol" in text and "### Readability (judge gpt-6-sol" in text
     check_png(plot)
+    chats = fake_openai.requests_to("/v1/chat/completions")
+    assert len(chats) == 2 * 2 + 3 * 2  # factuality: 2 records x 2 answers; readability: 3 pairs x 2 orders
+    assert {r.body["model"] for r in chats} == {"gpt-6-sol"} and all(r.body["temperature"] == 0 for r in chats)
+    for path in (out, report):
+        assert "sk-judge-secret-77" not in path.read_text(encoding="utf-8")
+
+    # The same run again: every verdict comes from the request cache.
+    fake_openai.requests.clear()
+    assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--judge", "readability",
+                          "--base_url", fake_openai.url, "--output_path", str(out)]) == 0
+    assert fake_openai.requests_to("/v1/chat/completions") == []
 
 
-def test_judge_sample_limits_the_records_judged(tmp_path, monkeypatch):
+def test_an_unparsable_verdict_is_asked_again_then_counted_apart(tmp_path, fake_openai):
     original_path, final_path = inputs(tmp_path)
-    calls = []
+    # Record 11's pair (its rewrite says "six") never gets a verdict, even when asked again.
+    fake_openai.chat_responder = lambda body, i: "I cannot decide." if "six" in body["messages"][1]["content"] \
+        else "[[C]]"
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--judge", "readability",
+                          "--base_url", fake_openai.url, "--max_judge_retries", "1", "--output_path", str(out)]) == 0
+    readability = read_json(out)["judges"]["readability"]
+    assert readability["unparsed"] == 1 and readability["counted"] == 4
+    record = {r["id"]: r for r in read_json(out)["records"]}[11]["readability"]
+    assert record["status"] == "unparsed" and record["asks"] == 4  # both orders, each asked twice
 
-    async def ask(messages):
-        calls.append(messages)
-        return "[[C]]"
 
-    monkeypatch.setattr(evaluate, "make_judge_ask", lambda args: ask)
+def test_judge_sample_limits_the_records_judged(tmp_path, fake_openai):
+    original_path, final_path = inputs(tmp_path)
+    fake_openai.chat_responder = lambda body, i: "[[C]]"
     out = tmp_path / "eval.json"
     args = ["--original_path", original_path, "--rewritten_path", final_path, "--judge", "readability",
-            "--judge_sample", "2", "--seed", "3", "--output_path", str(out)]
+            "--judge_sample", "2", "--seed", "3", "--output_path", str(out), "--base_url", fake_openai.url]
     assert evaluate.main(args) == 0
     first = read_json(out)
     judged = sorted(str(r["id"]) for r in first["records"] if "readability" in r)
     assert len(judged) == 2 and first["judges"]["readability"]["sampled"] == 2
     assert evaluate.main(args) == 0
     assert sorted(str(r["id"]) for r in read_json(out)["records"] if "readability" in r) == judged
+
+
+def test_the_judges_dry_run_sends_nothing_and_counts_what_the_run_sends(tmp_path, fake_openai, capsys):
+    original_path, final_path = inputs(tmp_path)
+    fake_openai.chat_responder = lambda body, i: "[[C]]"
+    out = tmp_path / "eval.json"
+    args = ["--original_path", original_path, "--rewritten_path", final_path, "--judge", "readability",
+            "--output_path", str(out), "--base_url", fake_openai.url]
+    assert evaluate.main(args + ["--dry_run"]) == 0
+    assert fake_openai.requests == [] and not out.exists()
+    assert "requests to send: 6 (answered by the cache: 0)" in capsys.readouterr().out
+    assert evaluate.main(args) == 0
+    assert len(fake_openai.requests_to("/v1/chat/completions")) == 6
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -499,14 +534,6 @@ def test_factuality_needs_references_and_outputs_must_not_overwrite_inputs(tmp_p
     assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path,
                           "--report_path", final_path]) == 2
     assert Path(final_path).read_text(encoding="utf-8") == before
-
-
-def test_the_judges_without_the_client_stop_before_reading_data(tmp_path):
-    original_path, final_path = inputs(tmp_path)
-    out = tmp_path / "e.json"
-    assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--judge", "readability",
-                          "--output_path", str(out)]) == 1
-    assert not out.exists()
 
 
 def test_help_is_instant_and_imports_no_heavy_library():
