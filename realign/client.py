@@ -297,7 +297,7 @@ class Adapter:
                 self._note(f"n={body['n']} refused: {body['n']} requests of one candidate each")
                 return True
             return False
-        if name == "reasoning_effort" and effort_is_default and code != "unsupported_parameter":
+        if name == "reasoning_effort" and effort_is_default and code == "unsupported_value":
             current = body.get("reasoning_effort")
             higher = REASONING_EFFORTS[REASONING_EFFORTS.index(current) + 1:] if current in REASONING_EFFORTS else ()
             if higher:
