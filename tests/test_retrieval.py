@@ -328,7 +328,7 @@ def test_a_query_refused_for_good_is_recorded_and_not_sent_again(fake_serper, tm
     assert "1 queries were refused by the search server for good (e.g. id 2: HTTP 400: Bad request.)" in err
     assert queries_sent(fake_serper) == ["Fine?", "Refused?"]  # a 400 is not retried
     assert "evidence" not in read_json(output)[1]["items"][0]
-    assert read_lines(str(tmp_path / "out_progress.jsonl"))[-1] == {
+    assert {line["id"]: line for line in read_lines(str(tmp_path / "out_progress.jsonl"))}[2] == {
         "id": 2, "key": retrieval.search_key("Refused?", "us", "en"), "refused": True,
         "error": "HTTP 400: Bad request."}
     assert not os.path.exists(tmp_path / "out_failures.json")
