@@ -1,0 +1,135 @@
+"""Benchmark the request cache: the CPU cost of a hit, and a rerun of 100k cached records.
+
+Usage:
+    .venv/bin/python benchmarks/bench_cache.py
+    .venv/bin/python benchmarks/bench_cache.py --records 20000
+
+1. A hit: ``Client.ask`` answered from the cache (key of the whole request body, SQLite
+   lookup, decompression, JSON, the caller's check that the reply is usable), timed with
+   ``time.process_time`` over --hits calls on a cache of --records entries.
+2. A rerun into a fresh folder: the fake OpenAI server is started in its own process, the
+   cache is filled with the replies it would give to reformat.py's requests for --records
+   synthetic records (the same keys reformat.py computes), then ``reformat.py`` runs on them
+   into a new output folder. Printed: its wall time, and the chat requests the server got
+   (0 when every record was answered by the cache).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from realign.standins import default_chat_reply, spawn, stop_spawned  # noqa: E402
+
+TEXT = ("the format of an answer matters as much as its content when a reader scans it for the one "
+        "fact they need so every response is checked against the task and rewritten with care")
+
+
+def synthetic_records(n):
+    from constant import RAG_TASKS, REWRITE_TASK
+
+    tasks = [task for task in REWRITE_TASK if task not in RAG_TASKS]
+    words = TEXT.split()
+    return [{"id": i, "items": [
+        {"from": "human", "value": f"Question {i}: how does {' '.join(words[i % 9:i % 9 + 8])} work?",
+         "category": tasks[i % len(tasks)]},
+        {"from": "gpt", "value": " ".join(words[(i + j) % len(words)] for j in range(120))}]} for i in range(n)]
+
+
+def fake_reply(body):
+    """What the fake server answers to a chat request (two candidates)."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": default_chat_reply(body, i)},
+                "finish_reason": "stop"} for i in range(body.get("n", 1))]
+    return {"id": "cached", "object": "chat.completion", "model": body["model"], "choices": choices,
+            "usage": {"prompt_tokens": 300, "completion_tokens": 250, "total_tokens": 550}}
+
+
+def fill_cache(cache_dir, records, base_url):
+    import reformat
+    from realign.cache import Cache
+    from realign.client import Client
+
+    args = reformat.parse_args(["--input_data_path", "x", "--output_directory", "y", "--base_url", base_url])
+    sampling = reformat.make_sampling(args)
+    client_key = Client.key_of
+    with Cache(cache_dir) as cache:
+        for record in records:
+            messages = reformat.build_rewrite_messages(record)
+            logical = Client.logical_chat(messages, sampling)
+            cache.put(client_key(args.base_url, "/chat/completions", logical),
+                      fake_reply({"messages": messages, "model": sampling.model, "n": sampling.n}))
+    return sampling
+
+
+def time_hits(cache_dir, records, base_url, sampling, hits):
+    import reformat
+    from realign.cache import Cache
+    from realign.client import Client
+
+    messages = [reformat.build_rewrite_messages(record) for record in records[:hits]]
+
+    def usable(reply):
+        return bool(reformat.usable_candidates(reformat.reply_choices(reply))[0])
+
+    async def ask_all(client):
+        start = time.process_time()
+        for m in messages:
+            answer = await client.chat(m, sampling, accept=usable)
+            assert answer.cached
+        return time.process_time() - start
+
+    client = Client(base_url, "bench-key", cache=Cache(cache_dir))
+    try:
+        cpu = asyncio.run(ask_all(client))
+    finally:
+        client.cache.close()
+    return cpu / len(messages)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Request cache: hit cost and a cached rerun.")
+    parser.add_argument("--records", type=int, default=100_000, help="records of the rerun (default: 100,000)")
+    parser.add_argument("--hits", type=int, default=10_000, help="hits timed for the CPU figure (default: 10,000)")
+    args = parser.parse_args(argv)
+    records = synthetic_records(args.records)
+    with tempfile.TemporaryDirectory() as workdir:
+        server, port = spawn("openai")
+        base_url = f"http://127.0.0.1:{port}/v1"
+        cache_dir = os.path.join(workdir, "cache")
+        started = time.perf_counter()
+        sampling = fill_cache(cache_dir, records, base_url)
+        print(f"filled the cache with {len(records):,} replies in {time.perf_counter() - started:.1f} s "
+              f"({os.path.getsize(os.path.join(cache_dir, 'requests.sqlite3')) / 2**20:.0f} MiB)", flush=True)
+        per_hit = time_hits(cache_dir, records, base_url, sampling, min(args.hits, len(records)))
+        print(f"cache hit through Client.ask: {per_hit * 1000:.3f} ms of CPU per hit "
+              f"({min(args.hits, len(records)):,} hits)", flush=True)
+
+        input_path = os.path.join(workdir, "input.json")
+        with open(input_path, "w", encoding="utf-8") as f:
+            json.dump(records, f)
+        env = {**os.environ, "OPENAI_API_KEY": "bench-key", "REALIGN_CACHE_DIR": cache_dir}
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", input_path,
+                               "--output_directory", os.path.join(workdir, "fresh"), "--base_url", base_url,
+                               "--concurrency", "64"], env=env, capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - started
+        stats = stop_spawned(server)
+        if done.returncode != 0:
+            raise SystemExit(f"reformat.py exited {done.returncode}:\n{done.stderr[-3000:]}")
+        summary = [line for line in done.stderr.splitlines() if "#chunk:" in line][-1]
+        chat_requests = stats.get("requests", 0) - 1  # less the model check
+        print(f"rerun of {len(records):,} cached records into a fresh folder: {elapsed:.1f} s end to end, "
+              f"{chat_requests} chat requests sent", flush=True)
+        print("  " + summary.split("reformat: ", 1)[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
