@@ -61,6 +61,7 @@ from realign import (
 )
 from realign.cache import Cache, request_key
 from realign.cli import progress_bar
+from realign.client import add_cache_arguments
 from realign.pool import Stopper
 from realign.pricing import Budget, BudgetReached, DryRunReport, Spend
 from realign.search import SERPER_URL, SearchFailed, make_session, search
@@ -307,12 +308,7 @@ def parse_args(argv=None):
     parser.add_argument("--retry_failed", action=argparse.BooleanOptionalAction, default=False,
                         help="search again the queries the server refused for good in an earlier run "
                              "(default: off)")
-    parser.add_argument("--cache_dir", default=None,
-                        help="folder of the request cache (default: $REALIGN_CACHE_DIR, else ~/.cache/realign)")
-    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="answer repeated searches from the cache and store new replies (default: on)")
-    parser.add_argument("--refresh_cache", action=argparse.BooleanOptionalAction, default=False,
-                        help="do not answer from the cache, but store the new replies (default: off)")
+    add_cache_arguments(parser)
     parser.add_argument("--dry_run", action=argparse.BooleanOptionalAction, default=False,
                         help="send nothing: print how many searches the run would send and their cost")
     parser.add_argument("--max_cost", type=positive_float, default=None,

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from realign.standins import spawn, stop_spawned
 
 RATE_RE = re.compile(r"classified (?P<n>\d+) records in (?P<elapsed>[\d.]+) s \((?P<rate>[\d.]+) records/s")
-REQUESTS_RE = re.compile(r"openai: (?P<requests>\d+) requests, (?P<retries>\d+) retries")
+CLASSIFIER = "GAIR/ReAlign-Task-Classifier"  # the served model name classify.py asks for by default
+REQUESTS_RE = re.compile(r"openai: requests: (?P<requests>[\d,]+), retries: (?P<retries>[\d,]+)")
 FAULTS = {"429": 0.05, "500": 0.02}
 CPU_BOUND_RATE = 600.0  # records/s one client process sustains here; caps the input size
 TOPICS = ("a poem about the sea", "the capital of Peru", "a plan for a week of study", "a bug in this loop",
@@ -66,7 +67,7 @@ def run_openai(workdir, name, n, port, concurrency):
         json.dump(synthetic_records(n), f)
     command = [sys.executable, os.path.join(ROOT, "classify.py"), "--backend", "openai",
                "--base_url", f"http://127.0.0.1:{port}/v1", "--concurrency", str(concurrency),
-               "--input_data_path", source, "--output_path", os.path.join(workdir, f"{name}_out.json")]
+               "--input_data_path", source, "--output_path", os.path.join(workdir, f"{name}_out.json"), "--no-cache"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, env={**os.environ, "OPENAI_API_KEY": "bench-key", "TQDM_MININTERVAL": "1"},
                           capture_output=True, text=True, check=False)
@@ -75,13 +76,13 @@ def run_openai(workdir, name, n, port, concurrency):
     if done.returncode != 0 or rate is None or requests is None:
         raise SystemExit(f"classify.py exited {done.returncode}:\n{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {k: float(v) for k, v in {**rate.groupdict(), **requests.groupdict()}.items()}, cpu
+    return {k: float(v.replace(",", "")) for k, v in {**rate.groupdict(), **requests.groupdict()}.items()}, cpu
 
 
 def bench_openai(args):
     print(f"\nopenai backend, fake server latency {args.latency:g} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_classify_") as workdir:
-        server, port = spawn("openai")
+        server, port = spawn("openai", models=[CLASSIFIER])
         try:
             _, startup_cpu = run_openai(workdir, "startup", 1, port, 1)
         finally:
@@ -93,7 +94,7 @@ def bench_openai(args):
             n = max(20, int(args.seconds * min(ceiling, CPU_BOUND_RATE)))
             for faults in args.faults:
                 server, port = spawn("openai", args.latency, FAULTS if faults == "on" else None,
-                                     0.2 if faults == "on" else None)
+                                     0.2 if faults == "on" else None, models=[CLASSIFIER])
                 try:
                     result, cpu = run_openai(workdir, f"c{concurrency}_{faults}", n, port, concurrency)
                 finally:

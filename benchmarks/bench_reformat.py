@@ -40,7 +40,7 @@ FAULT_RATES = {"429": 0.10, "500": 0.05, "malformed": 0.05}
 MIN_REQUESTS_FOR_CPU = 900  # fewer, and the start-up cost's jitter swamps the per-request CPU
 CPU_BOUND_RATE = 250.0  # records/s one client process sustains here; caps the input size
 SUMMARY_RE = re.compile(r"rewritten: (?P<rewritten>\d+), passed through: \d+, failed: (?P<failed>\d+), "
-                        r"requests: (?P<requests>\d+), retries: (?P<retries>\d+), re-asks: (?P<reasks>\d+), .*?"
+                        r"re-asks: (?P<reasks>\d+), requests: (?P<requests>[\d,]+), retries: (?P<retries>[\d,]+) .*?"
                         r"(?P<elapsed>[\d.]+) s \((?P<rate>[\d.]+) records/s\)")
 TEXT = ("the format of an answer matters as much as its content when a reader scans it for the one "
         "fact they need so every response is checked against the task and rewritten with care")
@@ -72,9 +72,9 @@ def run_reformat(workdir, name, records, port, concurrency, tokenizer_path):
         json.dump(records, f)
     command = [sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", input_path,
                "--output_directory", output_directory, "--dataset_batch_id", "0", "--dataset_batch_num", "1",
-               "--top_k", "2", "--model", "gpt-3.5-turbo-1106", "--temperature", "0.3", "--top_p", "1",
+               "--top_k", "2", "--temperature", "0.3", "--top_p", "1",
                "--target_length", "4096", "--concurrency", str(concurrency),
-               "--base_url", f"http://127.0.0.1:{port}/v1"]
+               "--base_url", f"http://127.0.0.1:{port}/v1", "--no-cache"]
     if tokenizer_path:
         command += ["--tokenizer_path", tokenizer_path]
     env = {**os.environ, "OPENAI_API_KEY": "bench-key", "TQDM_MININTERVAL": "1"}
@@ -87,7 +87,7 @@ def run_reformat(workdir, name, records, port, concurrency, tokenizer_path):
     match = SUMMARY_RE.search(done.stderr)
     if done.returncode not in (0, 1) or match is None:
         raise SystemExit(f"reformat.py exited {done.returncode}:\n{done.stderr[-3000:]}")
-    summary = {key: float(value) for key, value in match.groupdict().items()}
+    summary = {key: float(value.replace(",", "")) for key, value in match.groupdict().items()}
     with open(os.path.join(output_directory, "rewrite_data_0_of_1_batch.jsonl"), encoding="utf-8") as f:
         lines = [json.loads(line) for line in f]
     return summary, wall, cpu, lines

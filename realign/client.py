@@ -158,14 +158,7 @@ def add_client_arguments(parser, *, default_concurrency=16, default_max_retries=
                        help="a JSON object merged into every request body, e.g. "
                             "'{\"chat_template_kwargs\": {\"enable_thinking\": false}}'")
     if cache:
-        group.add_argument("--cache_dir", default=None,
-                           help="folder of the request cache (default: $REALIGN_CACHE_DIR, else "
-                                "~/.cache/realign)")
-        group.add_argument("--cache", action=argparse_bool(), default=True,
-                           help="answer repeated requests from the cache and store new replies "
-                                "(--no-cache: neither; default: on)")
-        group.add_argument("--refresh_cache", action=argparse_bool(), default=False,
-                           help="do not answer from the cache, but store the new replies (default: off)")
+        add_cache_arguments(group)
     if budget:
         group.add_argument("--dry_run", action=argparse_bool(), default=False,
                            help="send nothing: print the requests, tokens, cost and time the run would take")
@@ -178,6 +171,17 @@ def add_client_arguments(parser, *, default_concurrency=16, default_max_retries=
         group.add_argument("--price_output", type=positive_float, default=None,
                            help="USD per million completion tokens (default: constant.MODEL_PRICES)")
     return group
+
+
+def add_cache_arguments(group):
+    """--cache_dir, --cache/--no-cache, --refresh_cache: the request cache of every paid call."""
+    group.add_argument("--cache_dir", default=None,
+                       help="folder of the request cache (default: $REALIGN_CACHE_DIR, else ~/.cache/realign)")
+    group.add_argument("--cache", action=argparse_bool(), default=True,
+                       help="answer repeated requests from the cache and store new replies "
+                            "(--no-cache: neither; default: on)")
+    group.add_argument("--refresh_cache", action=argparse_bool(), default=False,
+                       help="do not answer from the cache, but store the new replies (default: off)")
 
 
 def argparse_bool():
