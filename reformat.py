@@ -31,6 +31,23 @@ is kept in the request cache (``--cache_dir``), so redoing a line whose request 
 change costs nothing. ``--dry_run`` prints what the run would send and cost, and sends
 nothing; ``--max_cost`` stops before the spend would pass a cap.
 
+Batch API (``--batch_api``; :mod:`realign.batch_api`): the same requests, parsing and
+batch-file lines, sent through OpenAI's Batch API at half the price, results within 24 h:
+
+    python reformat.py --input_data_path data_clean_evidence.json --output_directory outputs/rewrite \
+        --dataset_batch_id 0 --dataset_batch_num 2 --batch_api
+
+The requests go into ``<output_directory>/batches_{i}_of_{N}/requests_0001.jsonl``, ... of
+at most ``--batch_max_requests`` (50,000) lines and ``--batch_max_bytes`` (200 MB); every
+upload and batch is recorded the moment it exists in ``<output_directory>/batches_{i}_of_{N}.json``;
+the process polls every ``--poll_interval`` seconds (60) until its batches are done, writing
+the lines as each batch finishes. Lines that failed or did not parse are sent again in new
+batches (``--max_retries``, ``--max_parse_retries``); ``--batch_fallback_online`` sends
+their last try online. Rerun the same command after a kill at any moment: it carries on
+with the recorded batches and never pays twice for a line. ``--batch_cancel`` cancels the
+chunk's running batches; a later run keeps what they answered. The dry run and
+``--max_cost`` use batch prices.
+
 Environment:
     OPENAI_API_KEY           the API key (read first; ``--openai_key`` is accepted but not recommended)
     OPENAI_BASE_URL          any OpenAI-compatible server (or ``--base_url``)
@@ -64,6 +81,7 @@ from realign import (
     LengthCounter,
     OutputLock,
     ProgressWriter,
+    batch_api,
     check_constants,
     chunk_bounds,
     count_records,
@@ -74,6 +92,7 @@ from realign import (
     positive_int,
     setup_logging,
 )
+from realign.cache import request_key
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
@@ -88,7 +107,6 @@ from realign.client import (
     resolve_api_key,
     resolve_base_url,
 )
-from realign.cache import request_key
 from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
 from realign.pricing import BudgetReached, DryRunReport, find_price
 
@@ -361,7 +379,11 @@ def rewrite_batch_file(path, keep_ids):
 
 
 class Run:
-    """One chunk: settings, the request of each record, the batch file, the counters."""
+    """One chunk: settings, the request of each record, the batch file, the counters.
+
+    Both modes (online, and the Batch API of :mod:`realign.batch_api`) go through it: the
+    records still to do (:meth:`to_rewrite`), the request of each (:meth:`plan`), the batch
+    line a reply makes (:meth:`line_from_reply`), and the writing (:meth:`write`)."""
 
     def __init__(self, args, sampling, count_lengths, length_unit):
         self.args = args
@@ -369,10 +391,12 @@ class Run:
         self.count_lengths = count_lengths
         self.length_unit = length_unit
         self.client = None  # set once there is something to send
+        self.batch = None  # the Batch API mode, when it runs (for the summary line)
         self.writer = self.bar = None  # set by main while the batch file is open
         self.stats = collections.Counter()
         self.stopper = Stopper()
         self.policy = RefusalPolicy(REFUSAL_HINT)
+        self.finished = set()  # ids whose line this run wrote
 
     def plan(self, record):
         """``(reason to pass through or None, messages or None, fingerprint)`` of a record."""
@@ -385,29 +409,78 @@ class Run:
         request = request_key(CHAT, Client.logical_chat(messages, self.sampling))
         return None, messages, fingerprint("rewrite", request, self.length_unit, self.args.tokenizer_path)
 
+    def to_rewrite(self, start, end, batch_lines, write_passthrough=False):
+        """``(record, messages, fingerprint)`` of the chunk's records still to rewrite, in input
+        order: not those whose batch line stands or was written by this run. With
+        ``write_passthrough`` the lines of the records that are not reformatted are written
+        on the way."""
+        for record in iter_records_range(self.args.input_data_path, start, end, require_response=True):
+            reason, messages, fp = self.plan(record)
+            if record["id"] in self.finished or is_done(batch_lines.get(record["id"]), fp, self.args.retry_failed):
+                continue
+            if reason is not None:
+                if write_passthrough:
+                    self.write(with_fingerprint(passthrough(record, reason), fp), "passed")
+                continue
+            yield record, messages, fp
+
+    async def connect(self, api_key, price):
+        """The client, once there is something to send; the model is checked first."""
+        args = self.args
+        self.client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries,
+                             rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute,
+                             cache=open_cache(args), price=price, max_cost=args.max_cost, stopper=self.stopper)
+        await self.client.check_model(args.model)
+        # After the model check (a wrong model stops before this costs seconds), off the loop.
+        self.count_lengths = await asyncio.to_thread(LengthCounter, args.tokenizer_path)
+
     def write(self, line, outcome=None):
         self.writer.write(line)
+        self.finished.add(line["id"])
         self.bar.update(1)
         self.stats[outcome or ("failed" if line.get("status") == "failed" else "rewritten")] += 1
 
-    async def rewrite(self, record):
-        """Ask for the record's rewrite and write its line (or hold a refused one)."""
-        reason, messages, fp = self.plan(record)
-        expected = self.sampling.n * max(1, int(estimate_tokens(record["items"][1]["value"])))
-        problems = collections.Counter()
-        asks = self.args.max_parse_retries + 1
+    def expected_output(self, record):
+        """The completion tokens a request is expected to use: n x the original's length."""
+        return self.sampling.n * max(1, int(estimate_tokens(record["items"][1]["value"])))
+
+    def line_from_reply(self, record, fp, reply):
+        """``(batch line, Counter of problems)`` of a reply: the usable candidates and the
+        longest of them, or None for the line when no candidate is usable."""
+        candidates, problems = usable_candidates(reply_choices(reply))
+        if not candidates:
+            return None, problems
+        best = 0
+        if len(candidates) > 1:
+            best = longest(self.count_lengths([c["revised_response"] for c in candidates]))
+        return with_fingerprint(with_revision(record, candidates, candidates[best]), fp), problems
+
+    @staticmethod
+    def failed_line(record, fp, error):
+        return with_fingerprint(failed(record, error), fp)
+
+    def unusable_line(self, record, fp, asks, problems):
+        return self.failed_line(record, fp, f"no usable candidate in {asks} requests ({describe_problems(problems)})")
+
+    async def rewrite(self, record, asks=None, asked=0, problems=None):
+        """Ask for the record's rewrite and write its line (or hold a refused one).
+
+        ``asks`` requests at most (default: ``--max_parse_retries`` + 1); ``asked`` earlier
+        requests and their ``problems`` (the Batch API's rounds) count in the failure message."""
+        _, messages, fp = self.plan(record)
+        expected = self.expected_output(record)
+        problems = collections.Counter(problems or {})
+        asks = self.args.max_parse_retries + 1 if asks is None else asks
         for attempt in range(asks):
-            if attempt:
+            if attempt or asked:
                 self.stats["reasks"] += 1
             try:
-                answer = await self.client.chat(messages, self.sampling, expected_output=expected,
-                                                accept=lambda reply: bool(usable_candidates(reply_choices(reply))[0]))
+                answer = await self.client.chat(messages, self.sampling, expected_output=expected, accept=is_usable)
             except RetriesExhausted as e:
-                self.write(with_fingerprint(failed(record, str(e)), fp))
+                self.write(self.failed_line(record, fp, str(e)))
                 return
             except RequestRejected as e:
-                line = with_fingerprint(failed(record, str(e)), fp)
-                for held in self.policy.refused(line, str(e)):
+                for held in self.policy.refused(self.failed_line(record, fp, str(e)), str(e)):
                     self.write(held)
                 return
             except BudgetReached as e:
@@ -416,16 +489,23 @@ class Run:
             if not answer.cached:
                 for held in self.policy.success():
                     self.write(held)
-            candidates, new_problems = usable_candidates(reply_choices(answer.reply))
+            line, new_problems = self.line_from_reply(record, fp, answer.reply)
             problems.update(new_problems)
-            if candidates:
-                best = 0
-                if len(candidates) > 1:
-                    best = longest(self.count_lengths([c["revised_response"] for c in candidates]))
-                self.write(with_fingerprint(with_revision(record, candidates, candidates[best]), fp))
+            if line is not None:
+                self.write(line)
                 return
-        self.write(with_fingerprint(failed(record, f"no usable candidate in {asks} requests "
-                                                   f"({describe_problems(problems)})"), fp))
+        self.write(self.unusable_line(record, fp, asked + asks, problems))
+
+    def describe_client(self):
+        """The client's part of the summary line (the Batch API's, in that mode)."""
+        if self.batch is not None:
+            return self.batch.describe()
+        return self.client.describe() if self.client is not None else "requests: 0"
+
+
+def is_usable(reply):
+    """Whether a reply holds a usable candidate (only those are cached)."""
+    return bool(usable_candidates(reply_choices(reply))[0])
 
 
 def reply_choices(reply):
@@ -493,7 +573,11 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="log every retry (default: off)")
     add_client_arguments(parser, default_concurrency=16)
+    batch_api.add_batch_arguments(parser)
     args = parser.parse_args(argv)
+    if args.batch_cancel and args.dry_run:
+        parser.error("--batch_cancel sends a cancel request: it does not go with --dry_run")
+    args.batch_api = args.batch_api or args.batch_cancel
     try:
         args.base_url = resolve_base_url(args.base_url)
     except InputError as e:
@@ -512,13 +596,16 @@ def make_sampling(args):
 
 
 def price_tier(args):
+    if args.batch_api:
+        return "batch"
     return "flex" if args.service_tier == "flex" else "online"
 
 
-def scan_chunk(args, run, start, end, dry=None, batch_lines=None):
+def scan_chunk(args, run, start, end, dry=None, batch_lines=None, batches=None):
     """The first pass over the chunk, before anything is written or sent: validate every
     record and note each one's fingerprint (``{id: (fingerprint, pass-through reason)}``);
-    with ``dry`` (a DryRunReport) also add up what the run would send."""
+    with ``dry`` (a DryRunReport) also add up what the run would send, and with ``batches``
+    (a batch_api.DryPlan) the request files it would write."""
     plans = {}
     for index, record in enumerate(iter_records_range(args.input_data_path, start, end, require_response=True),
                                    start):
@@ -528,11 +615,15 @@ def scan_chunk(args, run, start, end, dry=None, batch_lines=None):
         if dry is None or reason is not None or is_done(batch_lines.get(record["id"]), fp, args.retry_failed):
             continue
         logical = Client.logical_chat(messages, run.sampling)
+        if batches is not None and batches.is_in_a_batch(record["id"], fp):
+            continue
         if dry.is_cached(Client.key_of(args.base_url, CHAT, logical)):
             dry.add_cached()
             continue
         dry.add_request(dry.count_prompt(messages), run.sampling.n * dry.count_text(record["items"][1]["value"]),
                         n=run.sampling.n)
+        if batches is not None:
+            batches.add(record["id"], fp, logical)
     return plans
 
 
@@ -568,6 +659,8 @@ def main(argv=None) -> int:
     batch_id, batch_num, how = resolve_chunk(args.dataset_batch_id, args.dataset_batch_num, args.output_directory)
     args.dataset_batch_id, args.dataset_batch_num = batch_id, batch_num
     path = batch_path(args.output_directory, batch_id, batch_num)
+    if args.batch_cancel:
+        return asyncio.run(batch_api.cancel(args, resolve_api_key(args.openai_key, args.base_url), path))
     total = count_records(args.input_data_path)
     start, end = chunk_bounds(total, batch_num, batch_id)
     price = find_price(args.model, price_tier(args), args.price_input, args.price_output, args.price_cached_input)
@@ -608,16 +701,22 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
     if unknown:
         logger.warning("passing through %d records of unknown categories: %s", sum(unknown.values()),
                        ", ".join(f"{name!r} ({count})" for name, count in unknown.most_common()))
+    record = batch_api.record_path(args.output_directory, args.dataset_batch_id, args.dataset_batch_num)
+    running = 0 if args.batch_api else batch_api.running_batches(record)
+    if running:
+        logger.warning("%s: %d batches of this chunk may still be running; their lines are asked online too. "
+                       "Rerun with --batch_api to collect them, or --batch_cancel to cancel them", record, running)
+    mode = batch_api.work if args.batch_api else work
     started = time.perf_counter()
     try:
         with run.stopper.signals_handled(), ProgressWriter(path) as run.writer, \
                 progress_bar(total=end - start, initial=counts["done"], unit="rec",
                              desc=f"chunk {args.dataset_batch_id}") as run.bar:
-            asyncio.run(work(args, run, start, end, batch_lines, api_key, price, counts["rewrite"]))
+            asyncio.run(mode(args, run, start, end, batch_lines, api_key, price, counts["rewrite"]))
     finally:  # also after a fatal error or an interrupt: say what was done
         elapsed = time.perf_counter() - started
         stats = run.stats
-        client_part = run.client.describe() if run.client is not None else "requests: 0"
+        client_part = run.describe_client()
         logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, rewritten: %d, passed through: "
                     "%d, failed: %d, re-asks: %d, %s, %.1f s (%.1f records/s)",
                     end - start, counts["done"], counts["stale"], stats["rewritten"], stats["passed"],
@@ -640,25 +739,10 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
 async def work(args, run, start, end, batch_lines, api_key, price, to_rewrite):
     """The second pass: write the passthrough lines and send the requests of the rest."""
     if to_rewrite:
-        run.client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries,
-                            rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute,
-                            cache=open_cache(args), price=price, max_cost=args.max_cost, stopper=run.stopper)
-        await run.client.check_model(args.model)
-        # After the model check (a wrong model stops before this costs seconds), off the loop.
-        run.count_lengths = await asyncio.to_thread(LengthCounter, args.tokenizer_path)
-
-    def jobs():
-        for record in iter_records_range(args.input_data_path, start, end, require_response=True):
-            reason, _, fp = run.plan(record)
-            if is_done(batch_lines.get(record["id"]), fp, args.retry_failed):
-                continue
-            if reason is not None:
-                run.write(with_fingerprint(passthrough(record, reason), fp), "passed")
-                continue
-            yield record
-
+        await run.connect(api_key, price)
+    jobs = (record for record, _, _ in run.to_rewrite(start, end, batch_lines, write_passthrough=True))
     try:
-        await run_pool(jobs(), run.rewrite, args.concurrency, run.stopper)
+        await run_pool(jobs, run.rewrite, args.concurrency, run.stopper)
         run.policy.finish(run.stopper)
     finally:
         if run.client is not None:
@@ -690,6 +774,8 @@ def write_usage(args, run, report=None):
                 "completion_tokens": client.spend.completion_tokens if client else 0,
                 "cost_usd": client.spend.cost if client and client.spend.priced else None,
                 "stopped": run.stopper.reason}
+        if run.batch is not None:
+            data.update(run.batch.usage())
     write_json_atomic(args.usage_path, data)
 
 
@@ -705,12 +791,17 @@ def dry_run(args, sampling, path, total, start, end, price):
               "tokens": args.max_tokens_per_minute or limits.get("tokens")}
     report = DryRunReport("reformat", cache, args.tokenizer_path, price, limits, sampling.max_output_tokens)
     batch_lines = read_batch_file(path)
-    counts, _, _, _ = tally(scan_chunk(args, run, start, end, report, batch_lines), batch_lines, args.retry_failed)
-    for line in report.lines(extra=f"chunk {args.dataset_batch_id} of {args.dataset_batch_num}: "
-                                    f"{end - start} records, {counts['done']} already done, "
-                                    f"{counts['passthrough']} to pass through, {counts['rewrite']} to rewrite"):
+    batches = batch_api.DryPlan(args) if args.batch_api else None
+    counts, _, _, _ = tally(scan_chunk(args, run, start, end, report, batch_lines, batches), batch_lines,
+                            args.retry_failed)
+    lines = report.lines(extra=f"chunk {args.dataset_batch_id} of {args.dataset_batch_num}: "
+                               f"{end - start} records, {counts['done']} already done, "
+                               f"{counts['passthrough']} to pass through, {counts['rewrite']} to rewrite")
+    if batches is not None:  # the rate limits do not say how long batches take
+        lines = [line for line in lines if not line.startswith("  expected time")] + batches.report()
+    for line in lines:
         print(line)
-    write_usage(args, run, report.as_dict())
+    write_usage(args, run, {**report.as_dict(), **(batches.as_dict() if batches else {})})
     if cache is not None:
         cache.close()
     return 0

@@ -73,6 +73,7 @@ MODEL_CREATED = 1764547200  # 2025-12-01: `created` of a listed model unless its
 VLLM_MAX_MODEL_LEN = 32768
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 BATCH_WINDOW_S = 24 * 3600
+QUEUED = ("validating", "in_progress", "finalizing")  # batch states whose tokens count as enqueued
 FILE_TTL_S = 30 * 24 * 3600  # batch files expire after 30 days
 RATE_LIMITS_URL = "https://platform.openai.com/account/rate-limits"
 FLEX_UNAVAILABLE_MESSAGE = ("Resource unavailable: there is no flex capacity for this request right now. "
@@ -546,6 +547,7 @@ class StoredBatch:
     errors: list  # validation errors; the batch fails when any
     order: list  # the (seeded, shuffled) order in which the lines are answered
     model: str | None = None
+    tokens: int = 0  # prompt tokens of its lines, what the enqueued-token limit counts
     status: str = "validating"
     stamps: dict = field(default_factory=dict)  # in_progress_at, ... (clock time)
     cancel_at: float | None = None
@@ -630,8 +632,10 @@ class FakeOpenAIServer(_FakeServer):
     `batch_expire_after_s` (after creation) / `batch_expire_after_lines`: the batch
     "expired", unanswered lines in the error file with code "batch_expired".
     Cancelling: "cancelling" for `batch_cancel_s` (0), then "cancelled" with the lines
-    answered so far. The timing attributes are read when a batch is created; `seed`
-    also seeds `batch_rng` (line order, batch_failures draws).
+    answered so far. `batch_token_limit`: the enqueued-token limit (prompt tokens of the
+    validating, in-progress and finalizing batches); a batch that would pass it fails
+    with code "token_limit_exceeded". The timing attributes are read when a batch is
+    created; `seed` also seeds `batch_rng` (line order, batch_failures draws).
 
     `stats()` adds "rate_limited" ({dimension: count}), "uploads" (files with purpose
     "batch") and "batches" (batches created).
@@ -665,6 +669,7 @@ class FakeOpenAIServer(_FakeServer):
         self.batch_expire_after_s = None
         self.batch_expire_after_lines = None
         self.batch_failures = None
+        self.batch_token_limit = None
         self.batch_rng = random.Random(seed)  # batch line order and batch_failures draws
         self.files = {}
         self.batches = {}
@@ -1116,6 +1121,17 @@ class FakeOpenAIServer(_FakeServer):
                 return self._bad_request(f"File {stored.id} has purpose {stored.purpose!r}; a batch needs "
                                          "purpose 'batch'.", "input_file_id")
             lines, errors, model = _parse_batch_input(stored.content, endpoint)
+            tokens = sum(_count_words(text) for _, line in lines for text in self._prompt_texts(endpoint, line))
+            if self.batch_token_limit is not None and not errors:
+                now = self.clock()
+                for other in self.batches.values():
+                    self._advance(other, now)
+                queued = sum(b.tokens for b in self.batches.values() if b.status in QUEUED)
+                if queued + tokens > self.batch_token_limit:
+                    errors = [{"code": "token_limit_exceeded", "param": None, "line": None, "message": (
+                        f"Enqueued token limit reached for {model} in organization org-standin. Limit: "
+                        f"{self.batch_token_limit:,} enqueued tokens. Please try submitting an equivalent batch "
+                        "once your ongoing batches have completed.")}]
             order = list(range(len(lines)))
             self.batch_rng.shuffle(order)
             per_line = self.batch_seconds_per_line
@@ -1126,7 +1142,7 @@ class FakeOpenAIServer(_FakeServer):
                       "expire_after_s": self.batch_expire_after_s,
                       "expire_after_lines": self.batch_expire_after_lines}
             batch = StoredBatch(_new_id("batch_"), stored.id, endpoint, window, metadata, self.clock(), timing,
-                                lines, errors, order, model)
+                                lines, errors, order, model, tokens)
             self.batches[batch.id] = batch
             return 200, self._batch_object(batch), {}
 
@@ -1561,6 +1577,7 @@ def parse_args(argv=None):
         openai_only(f"--batch-{name}", type=float, help=help_text)
     openai_only("--batch-expire-after-lines", type=int, help="a batch expires after this many lines")
     openai_only("--batch-fail", type=_fraction, help="fraction of batch lines that fail with 500")
+    openai_only("--batch-token-limit", type=int, help="enqueued prompt tokens above which a new batch fails")
     args = parser.parse_args(argv)
     if args.api != "openai":
         given = [action.option_strings[0] for action in openai_flags
@@ -1598,6 +1615,7 @@ def _configure_openai(server, args):
         if value is not None:
             setattr(server, f"batch_{name}", value)
     server.batch_failures = args.batch_fail
+    server.batch_token_limit = args.batch_token_limit
 
 
 def main(argv=None) -> int:

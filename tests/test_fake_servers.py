@@ -550,6 +550,25 @@ def test_batch_expiry_keeps_done_lines_and_lists_the_rest_as_expired(fake_openai
     assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("expired", 2, 1)
 
 
+def test_a_batch_past_the_enqueued_token_limit_fails_until_the_queue_drains(fake_openai, clock):
+    fake_openai.batch_token_limit = 5
+    fake_openai.batch_seconds_per_line = 10
+    client = client_for(fake_openai)
+    first = start_batch(client, batch_line("a", "one two"), batch_line("b", "three four"))  # 4 tokens queued
+    second = client.batches.retrieve(start_batch(client, batch_line("c", "five six")).id)
+    assert (second.status, second.request_counts.total) == ("failed", 0)
+    assert [e.model_dump() for e in second.errors.data] == [{
+        "code": "token_limit_exceeded", "line": None, "param": None,
+        "message": "Enqueued token limit reached for gpt-3.5-turbo-1106 in organization org-standin. Limit: 5 "
+                   "enqueued tokens. Please try submitting an equivalent batch once your ongoing batches have "
+                   "completed."}]
+    clock[0] = 1020  # the first batch completed: its tokens are no longer queued
+    assert client.batches.retrieve(first.id).status == "completed"
+    third = start_batch(client, batch_line("c", "five six"))
+    clock[0] = 1030
+    assert client.batches.retrieve(third.id).status == "completed"
+
+
 def test_faults_aimed_at_uploads_and_batch_creation(fake_openai, clock):
     fake_openai.set_rate_limits(rpm=1)
     assert post_chat(fake_openai).status_code == 200  # the minute's one request is spent
