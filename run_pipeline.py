@@ -180,7 +180,8 @@ def reformat_args(args, input_path, rewrite_dir, batch_id, budget):
                "--model", args.model, "--usage_path", usage_path(args, f"reformat_{batch_id}")]
     command += flag_values(args, ("base_url", "concurrency", "top_k", "temperature", "top_p", "target_length",
                                   "tokenizer_path", "adaptive", "retry_failed", "reasoning_effort",
-                                  "service_tier", "extra_body"))
+                                  "service_tier", "extra_body", "batch_api", "batch_max_requests",
+                                  "batch_max_bytes", "poll_interval", "batch_fallback_online"))
     # A limit of the key is shared by the processes: each paces itself under its part.
     for name in ("max_requests_per_minute", "max_tokens_per_minute"):
         if getattr(args, name):
@@ -437,6 +438,13 @@ def parse_args(argv=None):
                    help="the key's request limit, shared by the processes (default: learned from the headers)")
     g.add_argument("--max_tokens_per_minute", type=positive_float, default=None,
                    help="the key's token limit, shared by the processes (default: learned from the headers)")
+    g.add_argument("--batch_api", action=argparse.BooleanOptionalAction, default=None,
+                   help="send the reformat requests through OpenAI's Batch API: half price, results within 24 h")
+    g.add_argument("--batch_max_requests", type=positive_int, default=None, help="lines per Batch API request file")
+    g.add_argument("--batch_max_bytes", type=positive_int, default=None, help="bytes per Batch API request file")
+    g.add_argument("--poll_interval", type=positive_float, default=None, help="seconds between Batch API polls")
+    g.add_argument("--batch_fallback_online", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --batch_api: the last try of a failed line goes online")
     g = p.add_argument_group("stage 5: filter")
     g.add_argument("--rules", default="open_platypus",
                    choices=["open_platypus", "alpaca", "no_robots", "gsm8k", "math", "none"], help="filter preset")
