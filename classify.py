@@ -614,7 +614,8 @@ def dry_run_api(args, jobs, names, price):
     known = cache.known_limits(f"{(args.base_url or OPENAI_BASE_URL).rstrip('/')} {args.model}") if cache else {}
     limits = {"requests": args.max_requests_per_minute or known.get("requests"),
               "tokens": args.max_tokens_per_minute or known.get("tokens")}
-    report = DryRunReport("classify", cache, None, price, limits, sampling.max_output_tokens)
+    report = DryRunReport("classify", cache, None, price, limits, sampling.max_output_tokens,
+                          completion_note=f"about {EXPECTED_ANSWER_TOKENS} tokens an answer")
     for job in jobs:
         path, logical = logical_request(args, job.query, sampling)
         if report.is_cached(Client.key_of(args.base_url, path, logical)):

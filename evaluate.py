@@ -484,7 +484,15 @@ def make_judge_ask(args):
 
     Returns ``(ask, close)``: ``await close()`` ends the client and says what was spent.
     """
-    from realign.client import Client, RequestRejected, RetriesExhausted, Sampling, default_reasoning_effort
+    from realign.client import (
+        FLEX_TIMEOUT,
+        Client,
+        RequestRejected,
+        RetriesExhausted,
+        Sampling,
+        default_reasoning_effort,
+    )
+    from realign.pool import Stopped
     from realign.pricing import BudgetReached, DryRunReport, find_price
 
     effort, is_default = default_reasoning_effort(args.judge_model, args.reasoning_effort)
@@ -504,7 +512,8 @@ def make_judge_ask(args):
     state = {}
 
     if args.dry_run:
-        report = DryRunReport("evaluate (judges)", cache, None, price, {}, JUDGE_MAX_TOKENS)
+        report = DryRunReport("evaluate (judges)", cache, None, price, {}, JUDGE_MAX_TOKENS,
+                              completion_note=f"about {JUDGE_EXPECTED_TOKENS} tokens a verdict")
         state["report"] = report
 
         async def ask(messages):
@@ -529,9 +538,10 @@ def make_judge_ask(args):
     api_key = resolve_api_key(None, base_url)
 
     async def start():
-        client = Client(base_url, api_key, timeout=args.request_timeout or 600.0, max_retries=args.max_retries,
+        timeout = args.request_timeout or (FLEX_TIMEOUT if args.service_tier == "flex" else 600.0)
+        client = Client(base_url, api_key, timeout=timeout, max_retries=args.max_retries,
                         rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute, cache=cache,
-                        price=price, max_cost=args.max_cost)
+                        price=price, max_cost=args.max_cost, stopper=getattr(args, "stopper", None))
         state["semaphore"] = asyncio.Semaphore(args.concurrency)
         await client.check_model(args.judge_model)
         state["client"] = client
@@ -548,6 +558,8 @@ def make_judge_ask(args):
             except (RequestRejected, RetriesExhausted) as e:
                 logger.warning("a judge request got no reply: %s", e)
                 return None
+            except Stopped:  # a stop signal: the replies so far are in the request cache
+                raise KeyboardInterrupt from None
             except BudgetReached as e:
                 raise FatalError(f"{e}; the replies so far are in the request cache: rerun with a higher "
                                  "--max_cost to go on") from None
@@ -949,7 +961,7 @@ def parse_args(argv=None):
     parser.add_argument("--judge", action="append", choices=JUDGES, default=[],
                         help="add a model judge (repeatable): factuality (needs --reference_path), readability")
     parser.add_argument("--judge_model", default=DEFAULT_JUDGE_MODEL,
-                        help=f"judge model (default {DEFAULT_JUDGE_MODEL}, the paper's)")
+                        help=f"judge model (default {DEFAULT_JUDGE_MODEL}; the paper judged with GPT-4)")
     parser.add_argument("--reference_path", default=None,
                         help="records whose items[1].value is the reference answer, paired by id (factuality)")
     parser.add_argument("--judge_sample", type=positive_int, default=None,
@@ -1016,7 +1028,13 @@ def judge_samples(args, samplers, ask, summary):
         finally:
             await close()
 
-    results = asyncio.run(judge_all())
+    from realign.pool import Stopper
+
+    with Stopper().signals_handled() as stopper:  # SIGINT/SIGTERM: no new request; exit 130
+        args.stopper = stopper
+        results = asyncio.run(judge_all())
+    if stopper.interrupted:
+        raise KeyboardInterrupt
     summary["judges"], verdicts = {}, defaultdict(dict)
     for judge, by_line in results.items():
         summary["judges"][judge] = SUMMARIZERS[judge](by_line, samplers[judge].offered, args.judge_model)
@@ -1060,7 +1078,8 @@ def main(argv=None) -> int:
                                                args.allow_unpaired, args.rewrite_threshold, on_record)
         verdicts = judge_samples(args, samplers, ask, summary) if args.judge else {}
         if args.dry_run:
-            logger.info("dry run: nothing was sent and nothing written (%s)", headline(summary))
+            free = {key: value for key, value in summary.items() if key != "judges"}
+            logger.info("dry run: nothing was sent and nothing written (%s)", headline(free))
             return 0
         document = {"headline": headline(summary), **summary}
         # Render everything before writing anything: a failure leaves no half set of outputs.

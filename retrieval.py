@@ -374,6 +374,7 @@ def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn)
     resumed = len(evidence)
     stats, failed = collections.Counter(), {}
     spend = Spend()
+    spend.search_price = price
     budget = Budget(args.max_cost, spend)
     stopper = Stopper()
     if pending:

@@ -164,9 +164,11 @@ def flag_values(args, names):
     return out
 
 
-def cost_flags(args, budget=None):
-    """The cache, dry-run and price flags every paid stage takes."""
-    out = flag_values(args, ("cache_dir", "cache", "refresh_cache", "price_input", "price_output"))
+def cost_flags(args, budget=None, tokens=True):
+    """The cache, dry-run and budget flags every paid stage takes, and the token prices for the
+    stages that pay by the token (retrieval pays by the search: constant.SEARCH_PRICE)."""
+    out = flag_values(args, ("cache_dir", "cache", "refresh_cache") + (("price_input", "price_output") if tokens
+                                                                        else ()))
     if args.dry_run:
         out.append("--dry_run")
     if budget is not None:
@@ -293,8 +295,12 @@ def run_stages(args, runner, out):
                 command += ["--base_url", args.classifier_base_url]
             if api:
                 command += cost_flags(args, budget.left())
-            output = runner.run("classify", "classify.py", command + shlex.split(args.classify_args),
-                                capture=args.dry_run)
+            try:
+                output = runner.run("classify", "classify.py", command + shlex.split(args.classify_args),
+                                    capture=args.dry_run)
+            except StageFailed:
+                budget.add(read_usage(usage_path(args, "classify")))  # a budget stop says so here
+                raise
             if args.dry_run:
                 print(output, end="")
                 logger.warning("dry run: records without a category are left out of the estimates below "
@@ -314,17 +320,18 @@ def run_stages(args, runner, out):
         command += flag_values(args, ("search_url",))
         if args.retrieval_batch_size:
             command += ["--batch_size", args.retrieval_batch_size]
-        command += cost_flags(args, budget.left())
+        command += cost_flags(args, budget.left(), tokens=False)
         try:
             output = runner.run("retrieval", "retrieval.py", command, capture=args.dry_run)
             if args.dry_run:
                 print(output, end="")
         except StageFailed:
-            budget.add(read_usage(usage_path(args, "retrieval")))
+            budget.add(read_usage(usage_path(args, "retrieval")))  # a budget stop says so here
             if not args.allow_retrieval_failures:
                 raise
             logger.warning("retrieval: some searches failed; going on without their evidence")
-        budget.add(read_usage(usage_path(args, "retrieval")))
+        else:
+            budget.add(read_usage(usage_path(args, "retrieval")))
         clean = os.path.join(out, "retrieval_clean_evidence.json")
         if not args.dry_run or os.path.exists(clean):
             data_path = clean

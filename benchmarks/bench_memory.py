@@ -52,6 +52,7 @@ sys.path.insert(0, ROOT)
 from constant import RAG_TASKS, TASK_DESCRIPTION  # noqa: E402
 from realign import write_json_list_atomic  # noqa: E402
 from realign.standins import spawn, stop_spawned  # noqa: E402
+from retrieval import search_key  # noqa: E402
 
 BASELINE_RECORDS = 100  # the baseline run's input
 CHUNKS = 10  # reformat.py --dataset_batch_num
@@ -87,7 +88,8 @@ def synthetic_records(n, progress_file, seed=0):
             items += [{"from": "human", "value": text(10, 30) + "?"}, {"from": "gpt", "value": text(30, 100)}]
         if task in RAG_TASKS and len(items) == 2:
             evidence = [text(20, 40) for _ in range(5)]
-            progress_file.write(json.dumps({"id": 1000 + i, "evidence": evidence}) + "\n")
+            key = search_key(human["value"], "us", "en")  # the fingerprint retrieval.py checks
+            progress_file.write(json.dumps({"id": 1000 + i, "key": key, "evidence": evidence}) + "\n")
             if i % 2:
                 human["evidence"] = evidence[:rng.randint(1, 5)]
         yield {"id": 1000 + i, "items": items}
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_memory_")
     os.makedirs(workdir, exist_ok=True)
     env = {**os.environ, "OPENAI_API_KEY": "bench-key", "SERPER_API_KEY": "bench-key",
-           "TQDM_MININTERVAL": "10", "PYTHONPATH": ROOT}
+           "TQDM_MININTERVAL": "10", "PYTHONPATH": ROOT, "REALIGN_CACHE_DIR": os.path.join(workdir, "cache")}
     try:
         started = time.perf_counter()
         tiny_input, tiny_output = write_input(workdir, "tiny", BASELINE_RECORDS)
@@ -177,19 +179,21 @@ def main(argv=None) -> int:
                       f"{requests[-1] if requests else 'n/a'}", flush=True)
                 if status != 0 or tiny_status != 0:
                     print(f"  last lines of {log_path}:\n" + "  " + tail(log_path).replace("\n", "\n  "), flush=True)
-                rows.append((script, peak_rss, base_rss, import_rss))
+                rows.append((script, peak_rss, base_rss, import_rss, status == 0 and tiny_status == 0))
         finally:
             stop_spawned(server)
 
         size_kib = size / 1024
         print(f"\npeak RSS, MiB (input file {mib(size_kib):.0f} MiB, a tenth of it {mib(size_kib) / 10:.0f} MiB):")
         print(f"{'script':<13} {'peak':>7} {'baseline':>9} {'imports':>8} {'allowance':>10}  verdict")
-        for script, peak_rss, base_rss, import_rss in rows:
+        for script, peak_rss, base_rss, import_rss, exited_cleanly in rows:
             if script == "reformat":  # chunk 0 of 10: a tenth of the input plus the interpreter and libraries
                 allowance, rule = base_rss + size_kib / CHUNKS, "<= baseline + input/10"
             else:
                 allowance, rule = size_kib, "< input size"
             ok = peak_rss <= allowance if script == "reformat" else peak_rss < allowance
+            if not exited_cleanly:
+                ok, rule = False, "the run failed"
             print(f"{script + '.py':<13} {mib(peak_rss):>7.0f} {mib(base_rss):>9.0f} {mib(import_rss):>8.0f} "
                   f"{mib(allowance):>10.0f}  {'PASS' if ok else 'FAIL'} ({rule})")
         print(f"(baseline: the same command on {BASELINE_RECORDS} records; imports: the script's module and its "

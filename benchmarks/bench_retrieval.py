@@ -49,7 +49,7 @@ def run_once(n, port, batch_size, workdir):
     env = {**os.environ, "SERPER_API_KEY": FAKE_KEY}
     command = [sys.executable, os.path.join(ROOT, "retrieval.py"), "--input_data_path", input_path,
                "--output_path", output_path, "--batch_size", str(batch_size),
-               "--search_url", f"http://127.0.0.1:{port}/search"]
+               "--search_url", f"http://127.0.0.1:{port}/search", "--no-cache"]
     start = time.perf_counter()
     result = subprocess.run(command, check=False, env=env, cwd=ROOT, capture_output=True, text=True)
     elapsed = time.perf_counter() - start

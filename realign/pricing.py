@@ -181,8 +181,10 @@ class DryRunReport:
     long as the originals on average).
     """
 
-    def __init__(self, stage, cache, tokenizer_path, price, limits, output_cap=None, search_price=None):
+    def __init__(self, stage, cache, tokenizer_path, price, limits, output_cap=None, search_price=None,
+                 completion_note="n x the original response's length; reasoning tokens not included"):
         self.stage = stage
+        self.completion_note = completion_note
         self.cache = cache
         self.price = price
         self.limits = limits or {}
@@ -262,8 +264,7 @@ class DryRunReport:
         if self.requests or self.stage != "retrieval":
             lines.append(f"  requests to send: {self.requests:,} (answered by the cache: {self.cached:,})")
             lines.append(f"  prompt tokens: {self.prompt_tokens:,.0f}, {self.counted}")
-            lines.append(f"  expected completion tokens: {self.completion_tokens:,.0f} (n x the original "
-                         "response's length; reasoning tokens not included)")
+            lines.append(f"  expected completion tokens: {self.completion_tokens:,.0f} ({self.completion_note})")
         cost = self.cost()
         if cost is None:
             lines.append("  cost: unknown (no price for this model: pass --price_input and --price_output)")
@@ -271,7 +272,9 @@ class DryRunReport:
             source = self.price.source if self.price else "constant.SEARCH_PRICE"
             lines.append(f"  expected cost: ${cost:,.4f} ({source})")
         minutes = self.minutes()
-        if minutes is None:
+        if minutes is None and self.stage == "retrieval":
+            lines.append("  expected time: not estimated (Serper sends no rate-limit headers)")
+        elif minutes is None:
             lines.append("  expected time: unknown (no rate limit known: pass --max_requests_per_minute / "
                          "--max_tokens_per_minute, or run once to learn the server's)")
         else:
