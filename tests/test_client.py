@@ -4,7 +4,6 @@ and the spending cap. Against the fake OpenAI server, with reformat.py as the ca
 a whole run is needed."""
 
 import asyncio
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -16,7 +15,7 @@ import sys
 import time
 
 import pytest
-from realign.standins import LEGACY, REASONING, FakeOpenAIServer
+from realign.standins import LEGACY, FakeOpenAIServer
 
 import reformat
 from realign.cache import Cache, request_key
@@ -138,6 +137,7 @@ def test_extra_body_must_be_a_json_object(tmp_path, value, capsys):
     assert "--extra_body" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_flex_waits_longer_and_a_busy_flex_tier_is_retried(tmp_path, fake_openai):
     assert reformat.parse_args(["--input_data_path", "x", "--output_directory", "y",
                                 "--service_tier", "flex"]).request_timeout == 900.0
@@ -227,6 +227,7 @@ def test_the_pacer_takes_the_share_the_others_leave():
     assert pacer.buckets["requests"].share < 0.5  # from 1.0 towards 1/4
 
 
+@pytest.mark.slow
 def test_pacing_against_a_rate_limited_server_gets_almost_no_429(tmp_path, fake_openai, caplog):
     fake_openai.set_rate_limits(rpm=600, initial=0.0)  # 10 a second, from an empty bucket
     with caplog.at_level(logging.INFO):
@@ -237,6 +238,7 @@ def test_pacing_against_a_rate_limited_server_gets_almost_no_429(tmp_path, fake_
     assert "pacing: 600 requests/min" in caplog.text
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_file_is_not_redrawn_per_record(tmp_path):
     path = tmp_path / "input.json"
     path.write_text(json.dumps([record(i) for i in range(40)]), encoding="utf-8")
@@ -286,6 +288,7 @@ def write_entries(directory, worker, count):
     cache.close()
 
 
+@pytest.mark.slow
 def test_eight_processes_writing_one_cache_lose_nothing(tmp_path):
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=write_entries, args=(str(tmp_path), w, 150)) for w in range(8)]
@@ -304,6 +307,7 @@ def test_eight_processes_writing_one_cache_lose_nothing(tmp_path):
     assert db.execute("SELECT COUNT(*) FROM replies").fetchone() == (8 * 150 + 1,)
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_leaves_a_cache_the_next_run_reads(tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from realign.cache import Cache\n"
             "c = Cache(sys.argv[1])\n"

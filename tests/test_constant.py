@@ -24,42 +24,49 @@ SPEC_NOT_REWRITTEN = [
 ]
 
 
-def expected_classifier_prompt():
-    lines = [
-        "",
-        "You will receive a user's query. Additionally, you are given some pre-defined tasks below: ",
-        "",
-        "[Existing tasks start]",
-        *SPEC_TASKS,
-        "[Existing tasks end]",
-        "",
-        (
-            "You objective is to choose the most appropriate task that can reflect the high-level intention "
-            "of this query. You should first clearly give out your choice. Your choice should exactly match "
-            "one of the task names provided above, without any modification. Do not include the task "
-            "description in your choice."
-        ),
-        "",
-        "Your output should be just the task name.",
-        "",
-        "User's query is below:",
-        "[User's query start]",
-        "{input}",
-        "[User's query end]",
-        "",
-        "Task name:",
-        "",
-        "",
-    ]
-    return "\n".join(lines)
+# SPEC §2, the classifier prompt, typed out here: the one copy the tests hold. test_classify.py
+# imports spec_prompt and SPEC_PROMPT_TAIL to check the prompts that reach the model.
+SPEC_CLASSIFIER_PROMPT = "\n".join([
+    "",
+    "You will receive a user's query. Additionally, you are given some pre-defined tasks below: ",
+    "",
+    "[Existing tasks start]",
+    *SPEC_TASKS,
+    "[Existing tasks end]",
+    "",
+    (
+        "You objective is to choose the most appropriate task that can reflect the high-level intention "
+        "of this query. You should first clearly give out your choice. Your choice should exactly match "
+        "one of the task names provided above, without any modification. Do not include the task "
+        "description in your choice."
+    ),
+    "",
+    "Your output should be just the task name.",
+    "",
+    "User's query is below:",
+    "[User's query start]",
+    "{input}",
+    "[User's query end]",
+    "",
+    "Task name:",
+    "",
+    "",
+])
+SPEC_PROMPT_TAIL = "\n[User's query end]\n\nTask name:\n\n"  # what follows the query
+
+
+def spec_prompt(query):
+    """The SPEC §2 prompt for ``query`` (put in by hand, so braces in the query stay as they are)."""
+    head, tail = SPEC_CLASSIFIER_PROMPT.split("{input}")
+    return head + query + tail
 
 
 def test_classifier_prompt_is_byte_exact():
     assert len(SPEC_TASKS) == 46
-    assert constant.PROMPT_INPUT_FOR_TASK_CLS == expected_classifier_prompt()
+    assert constant.PROMPT_INPUT_FOR_TASK_CLS == SPEC_CLASSIFIER_PROMPT
     filled = constant.PROMPT_INPUT_FOR_TASK_CLS.format(input="Who wrote Hamlet?")
     assert filled.startswith("\nYou will receive")
-    assert filled.endswith("[User's query start]\nWho wrote Hamlet?\n[User's query end]\n\nTask name:\n\n")
+    assert filled.endswith("[User's query start]\nWho wrote Hamlet?" + SPEC_PROMPT_TAIL)
 
 
 def test_task_tables_follow_the_spec():
@@ -132,14 +139,12 @@ def test_check_rejects_a_broken_edit(changes, message):
     assert str(err.value).startswith("constant.py: ")
 
 
-def test_import_is_fast_and_has_no_side_effects(tmp_path):
-    code = "import time; t = time.perf_counter(); import constant; print(time.perf_counter() - t)"
+def test_import_has_no_side_effects(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
+        [sys.executable, "-c", "import constant"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
         capture_output=True, text=True, check=True,
     )
-    assert float(result.stdout) < 0.5
-    assert result.stderr == ""
+    assert result.stdout == "" and result.stderr == ""
     assert list(tmp_path.iterdir()) == []
 
 

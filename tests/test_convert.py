@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,6 @@ from realign.formats import (
     to_realign,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small literal datasets, one per format, with the fields each format can carry.
 ALPACA = [
@@ -455,10 +453,3 @@ def test_convert_file_returns_the_counts_of_its_summary(tmp_path):
     stats = convert_file(str(tmp_path / "r.jsonl"), str(tmp_path / "a.json"), "realign", "alpaca")
     assert summary_line(stats).endswith(
         "#per-turn fields alpaca cannot hold (dropped): 2 (weight) -> " + str(tmp_path / "a.json"))
-
-
-def test_help_is_instant_and_names_the_formats():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--help"],
-                            capture_output=True, text=True, check=True, cwd=ROOT)
-    assert "{auto,realign,alpaca,sharegpt,messages}" in result.stdout
-    assert "--keep_original" in result.stdout

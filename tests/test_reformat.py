@@ -15,7 +15,6 @@ from realign.standins import MALFORMED_REPLY, REASONING, FakeOpenAIServer
 
 import constant
 import reformat
-from realign import chunk_bounds
 from realign.pool import REJECTION_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -340,6 +339,7 @@ def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fa
     assert retried[1] == lines[1] and retried[3] == lines[3]
 
 
+@pytest.mark.slow
 def test_transient_errors_are_retried_honouring_retry_after(tmp_path, fake_openai, caplog):
     fake_openai.add_fault(429, retry_after=0)
     fake_openai.add_fault(500)  # no Retry-After: exponential backoff (0.5-1 s)
@@ -495,6 +495,7 @@ def copy_of_the_project(tmp_path):
     return target
 
 
+@pytest.mark.slow
 def test_a_changed_format_redoes_only_its_task_and_changed_sampling_redoes_everything(tmp_path, fake_openai,
                                                                                       caplog):
     records = [record(i, "open_qa") for i in range(4)] + [record(i, "email_generation") for i in range(4, 8)]
@@ -575,6 +576,7 @@ def test_max_cost_stops_near_the_cap_and_a_higher_cap_finishes(tmp_path, fake_op
     assert status == 0 and sorted(line["id"] for line in lines) == list(range(40))
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_whole_lines_and_a_rerun_finishes(tmp_path):
     records = [record(i) for i in range(40)]
     input_path = tmp_path / "input.json"
@@ -606,6 +608,7 @@ def test_sigterm_leaves_whole_lines_and_a_rerun_finishes(tmp_path):
         assert server.max_in_flight >= 4  # requests really run concurrently
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_batch_file_refuses_at_once(tmp_path):
     records = [record(i) for i in range(30)]
     input_path = tmp_path / "input.json"

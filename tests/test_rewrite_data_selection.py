@@ -2,17 +2,12 @@
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tiny_model import build_tiny_tokenizer
 
 import rewrite_data_selection as sel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = "Paris is the capital of France and its largest city by far."  # 12 words
 
 
@@ -175,15 +170,6 @@ def test_presets(preset, original, rewrite, category, question, expected):
     assert judge(sel.PRESETS[preset], original, rewrite, question, category) == expected
 
 
-def test_presets_are_the_documented_rule_lists():
-    assert sel.PRESETS["open_platypus"] == ("single_letter", "true_false", "exam_result", "code", "length")
-    assert sel.PRESETS["alpaca"] == ("code", "length")
-    assert sel.PRESETS["no_robots"] == ("default_category", "leaked_marker", "planning", "code", "length")
-    for rules in sel.PRESETS.values():
-        assert "length" not in rules[:-1]  # the length rule, when present, comes last
-        assert set(rules) <= set(sel.TEXT_RULES) | {"length"}
-
-
 # -- main -----------------------------------------------------------------------------------
 
 def record(record_id, question, response, category="open_qa"):
@@ -259,20 +245,70 @@ def test_length_threshold_flag(tmp_path):
     assert [r["tag"] for r in json.loads(out.read_text())][1] == "rewrite"  # 1 word > 0.05 * 12
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tokenizer")
-    build_tiny_tokenizer(str(directory))
-    return str(directory)
+# One record aimed at each rule; what every preset makes of them, worked out by hand
+# (None: the rewrite is kept). The summary line names the preset's rules in its order.
+PRESET_RECORDS = [
+    # id, category, question, original, rewrite
+    ("letter", "general_classification", "Pick one.", "B", "The answer is D."),
+    ("exam", "exam_problem_solving_tutor", "Speed?", "Speed is 72.", "The speed is 70 km per hour, more or less."),
+    ("code", "open_qa", "Code?", CODE + " " + LONG, LONG + " " + LONG),
+    ("short", "open_qa", "Capital?", LONG, "Paris."),
+    ("default", "default", "Do it", LONG, LONG + " Indeed."),
+    ("marker", "open_qa", "q", LONG, "Revised response: " + LONG),
+    ("planning", "planning", "Organize my week.", LONG, LONG + " Indeed."),
+    ("gsm8k", "math_puzzles", "2 + 2?", "2 + 2 = 4\n#### 4", "Four, as two and two make four."),
+    ("same", "open_qa", "q", LONG, LONG),
+    ("true", "fact_verification", "Is it?", "True", "```python\nprint(1)\n``` " + "x " * 40),
+]
+PRESET_VERDICTS = {
+    "open_platypus": (["single_letter", "exam_result", "code", "length", None, None, None, None, "unchanged", None],
+                      "#in: 10, #rewrite: 5, #original: 5 (rejected by unchanged: 1, single_letter: 1, "
+                      "exam_result: 1, code: 1, length: 1; lengths in words)"),
+    "alpaca": ([None, None, "code", "length", None, None, None, None, "unchanged", "code"],
+               "#in: 10, #rewrite: 6, #original: 4 (rejected by unchanged: 1, code: 2, length: 1; lengths in words)"),
+    "no_robots": ([None, None, "code", "length", "default_category", "leaked_marker", "planning", None, "unchanged",
+                   "code"],
+                  "#in: 10, #rewrite: 3, #original: 7 (rejected by unchanged: 1, default_category: 1, "
+                  "leaked_marker: 1, planning: 1, code: 2, length: 1; lengths in words)"),
+    "gsm8k": ([None, None, None, None, None, None, None, "final_answer", "unchanged", None],
+              "#in: 10, #rewrite: 8, #original: 2 (rejected by unchanged: 1, final_answer: 1)"),
+    "math": ([None, None, None, None, None, None, None, "final_answer", "unchanged", None],
+             "#in: 10, #rewrite: 8, #original: 2 (rejected by unchanged: 1, final_answer: 1)"),
+    "none": ([None, None, None, None, None, None, None, None, "unchanged", None],
+             "#in: 10, #rewrite: 9, #original: 1 (rejected by unchanged: 1)"),
+}
 
 
-def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tokenizer_dir, caplog):
+@pytest.mark.parametrize("preset", list(PRESET_VERDICTS))
+def test_each_preset_through_main(tmp_path, caplog, preset):
+    originals = [record(i, q, o, c) for i, c, q, o, _ in PRESET_RECORDS]
+    rewrites = {i: r for i, _, _, _, r in PRESET_RECORDS}
+    with caplog.at_level(logging.INFO):
+        code, out = run(tmp_path, "--rules", preset, "--keep_reasons", originals=originals,
+                        merged_records=merged(originals, rewrites))
+    assert code == 0
+    reasons, summary = PRESET_VERDICTS[preset]
+    final = json.loads(out.read_text(encoding="utf-8"))
+    assert [r.get("reject_reason") for r in final] == reasons
+    assert [r["tag"] for r in final] == ["original" if reason else "rewrite" for reason in reasons]
+    assert f"{summary} -> {out}" in caplog.text
+
+
+def test_the_default_preset_is_open_platypus(tmp_path):
+    originals = [record(i, q, o, c) for i, c, q, o, _ in PRESET_RECORDS]
+    code, out = run(tmp_path, "--keep_reasons", originals=originals,
+                    merged_records=merged(originals, {i: r for i, _, _, _, r in PRESET_RECORDS}))
+    assert code == 0
+    assert [r.get("reject_reason") for r in json.loads(out.read_text())] == PRESET_VERDICTS["open_platypus"][0]
+
+
+def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tiny_tokenizer_dir, caplog):
     # 'zzzz...' is one word but many tokens of the tiny BPE: the unit decides the verdict.
     originals = [record(1, "q", "zqzqzqzqzqzqzqzqzqzqzqzqzqzqzq"), record(2, "q", "one two three four")]
     rewrites = {1: "zq zq", 2: "one, two, three and four"}
     merged_records = merged(originals, rewrites)
     with caplog.at_level(logging.INFO):
-        code, out = run(tmp_path, "--keep_reasons", "--tokenizer_path", tokenizer_dir,
+        code, out = run(tmp_path, "--keep_reasons", "--tokenizer_path", tiny_tokenizer_dir,
                         originals=originals, merged_records=merged_records)
     assert code == 0
     assert [r["tag"] for r in json.loads(out.read_text())] == ["original", "rewrite"]
@@ -281,11 +317,11 @@ def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tokenizer_dir, caplog):
     assert [r["tag"] for r in json.loads(out.read_text())] == ["rewrite", "rewrite"]  # 2 words > 0.5 * 1
 
 
-def test_batched_lengths_match_one_call_per_record(tokenizer_dir):
+def test_batched_lengths_match_one_call_per_record(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    counter = sel.LengthCounter(tokenizer_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    counter = sel.LengthCounter(tiny_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     texts = [LONG, "B", "", CODE, "zqzq " * 50]
     assert counter(texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
@@ -347,17 +383,6 @@ def test_bad_flags_exit_2(tmp_path):
     with pytest.raises(SystemExit):
         sel.parse_args(["--input_original_data_path", "a", "--input_rewrite_data_path", "b", "--output_path", "c",
                         "--rules", "platypus"])
-
-
-def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys\n"
-            "import rewrite_data_selection\n"
-            "assert not {'torch', 'transformers', 'vllm', 'openai'} & set(sys.modules)\n"
-            "rewrite_data_selection.parse_args(['--help'])")
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "--rules" in result.stdout and "--keep_reasons" in result.stdout
 
 
 def test_output_may_not_overwrite_an_input(tmp_path, capsys):
