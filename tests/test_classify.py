@@ -5,6 +5,10 @@ import copy
 import gc
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -324,6 +328,37 @@ def test_eval_logs_metrics_and_writes_predictions(classifier_server, tmp_path, c
         "open_qa", "open_qa", "planning", "planning", "rejecting", "rejecting", "default"]
     assert result["predictions"][6] == {"instruction": "q7", "category": "rejecting",
                                         "prediction": "default", "answer": "Sure! roleplay"}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_answers_and_a_rerun_asks_only_the_rest(tmp_path):
+    from realign.standins import FakeOpenAIServer
+
+    records = [{"id": i, "items": [{"from": "human", "value": f"Query number {i}?"}, {"from": "gpt", "value": "."}]}
+               for i in range(40)]
+    source = write_json(tmp_path / "in.json", records)
+    out = tmp_path / "out.json"
+    progress = tmp_path / "out_progress.jsonl"
+    with FakeOpenAIServer(latency=0.3) as server:
+        server.known_models = ["GAIR/ReAlign-Task-Classifier"]
+        argv = ["--backend", "openai", "--base_url", server.url, "--concurrency", "4", "--no-cache",
+                "--input_data_path", source, "--output_path", str(out)]
+        process = subprocess.Popen([sys.executable, str(ROOT / "classify.py"), *argv], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while (not progress.exists() or len(read_jsonl(progress)) < 6) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130, err
+        saved = read_jsonl(progress)
+        sent = len(server.requests_to("/v1/completions"))
+        assert 6 <= len(saved) < 40 and sent == len(saved)  # the answers in flight were saved too
+        assert not out.exists()
+
+        assert classify.main(argv) == 0
+        assert len(server.requests_to("/v1/completions")) - sent == 40 - len(saved)
+        assert [r["items"][0]["category"] for r in json.loads(out.read_text())] == ["open_qa"] * 40
 
 
 # -- openai_chat backend: any chat model, no GPU ------------------------------------------

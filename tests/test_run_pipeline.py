@@ -221,3 +221,54 @@ def test_failed_reformat_process_is_named_by_batch_id(tmp_path, fake_openai):
     assert "reformat_1.log" in result.stderr
     assert not (tmp_path / "out" / "merged.json").exists()
     assert "sk-test-e2e-secret" not in result.stderr
+
+
+def test_the_demo_runs_with_no_key_and_ends_with_the_final_file_and_a_report(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SERPER_API_KEY")}
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "run_pipeline.py"), "--demo", "--output_directory",
+                             str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the answers come from local stand-ins for OpenAI" in result.stderr
+    final = read_json(out / "final.json")
+    check_final(final, load_examples())
+    report = (out / "evaluation.md").read_text(encoding="utf-8")
+    headline = read_json(out / "evaluation.json")["headline"]
+    assert headline.startswith("rewritten ") and " of 57; " in headline and f"**{headline}**" in report
+    assert headline in result.stderr
+    with open(out / "evaluation.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_alpaca_in_messages_out_in_one_command(tmp_path, fake_openai, fake_serper):
+    alpaca = [{"instruction": f"Explain point {i}.", "input": "" if i % 2 else f"Notes {i}.",
+               "output": f"Point {i} means this and that.", "category": ["open_qa", "planning", "story_generation"][i % 3]}
+              for i in range(30)]
+    input_path = write_json(tmp_path / "alpaca.json", alpaca)
+    result = run_pipeline(input_path, tmp_path / "out", pipeline_env(fake_openai, fake_serper),
+                          "--input_format", "alpaca", "--output_format", "messages")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "final_messages.jsonl", encoding="utf-8") as f:
+        converted = [json.loads(line) for line in f]
+    assert len(converted) == 30
+    for i, row in enumerate(converted):
+        user, assistant = row["messages"]
+        question = f"Explain point {i}." + ("" if i % 2 else f"\n\nNotes {i}.")
+        assert user == {"role": "user", "content": question}
+        assert assistant["role"] == "assistant"
+        rewritten = alpaca[i]["category"] != "story_generation"  # story_generation is never reformatted
+        assert assistant["content"].startswith(REWRITE_HEADING) == rewritten, i
+        assert row["tag"] == ("rewrite" if rewritten else "original")
+
+
+def test_the_dry_run_sends_nothing_and_reports_every_paid_stage(tmp_path, fake_openai, fake_serper):
+    records = load_examples()
+    input_path = write_json(tmp_path / "input.json", records)
+    result = subprocess.run(pipeline_command(input_path, tmp_path / "out", pipeline_env(fake_openai, fake_serper),
+                                             "--dry_run"), env=pipeline_env(fake_openai, fake_serper),
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fake_openai.requests == [] and fake_serper.requests == []
+    assert "dry run of retrieval: nothing was sent" in result.stdout
+    assert result.stdout.count("dry run of reformat: nothing was sent") == 3  # one per process
+    assert not (tmp_path / "out" / "final.json").exists() and not (tmp_path / "out" / "rewrite").exists()
