@@ -34,23 +34,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from synthetic import rewrite_records  # noqa: E402
 
 from realign.standins import spawn, stop_spawned  # noqa: E402
 
-TEXT = ("the format of an answer matters as much as its content when a reader scans it for the one "
-        "fact they need so every response is checked against the task and rewritten with care")
-
-
 def synthetic_records(n):
-    """``n`` single-turn records of rewrite tasks without evidence, ~60-word responses."""
-    from constant import RAG_TASKS, REWRITE_TASK
-
-    tasks = [task for task in REWRITE_TASK if task not in RAG_TASKS]
-    words = TEXT.split()
-    return [{"id": i, "items": [
-        {"from": "human", "value": f"Question {i}: how does {' '.join(words[i % 9:i % 9 + 8])} work?",
-         "category": tasks[i % len(tasks)]},
-        {"from": "gpt", "value": " ".join(words[(i + j) % len(words)] for j in range(60))}]} for i in range(n)]
+    return rewrite_records(n, 60)
 
 
 def token_cost(records, n, cap):
