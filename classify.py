@@ -610,11 +610,12 @@ async def classify_with_api(args, jobs, names, save_results, stats, api_key, pri
 def dry_run_api(args, jobs, names, price):
     """``--dry_run`` of the API backends: what the run would send and cost."""
     sampling = api_sampling(args, names)
-    cache = open_cache(args, write=False)
+    cache = Cache(args.cache_dir, read=True, write=False) if args.cache else None  # only read, never written
     known = cache.known_limits(f"{(args.base_url or OPENAI_BASE_URL).rstrip('/')} {args.model}") if cache else {}
     limits = {"requests": args.max_requests_per_minute or known.get("requests"),
               "tokens": args.max_tokens_per_minute or known.get("tokens")}
-    report = DryRunReport("classify", cache, None, price, limits, sampling.max_output_tokens,
+    report = DryRunReport("classify", None if args.refresh_cache else cache, None, price, limits,
+                          sampling.max_output_tokens,
                           completion_note=f"about {EXPECTED_ANSWER_TOKENS} tokens an answer")
     for job in jobs:
         path, logical = logical_request(args, job.query, sampling)
@@ -685,7 +686,9 @@ def parse_args(argv=None):
                       help="vllm: no CUDA graphs (faster start, needed on CPU)")
     vllm.add_argument("--batch_size", type=positive_int, default=16,
                       help="transformers: prompts per forward pass (default: %(default)s)")
-    group = add_client_arguments(parser, default_concurrency=32, default_max_retries=5, default_timeout=60.0)
+    group = add_client_arguments(parser, default_concurrency=32, default_max_retries=5, default_timeout=60.0,
+                                 base_url_default="$OPENAI_BASE_URL, else OpenAI for openai_chat and "
+                                                  f"{LOCAL_SERVER} for openai")
     group.add_argument("--timeout", dest="request_timeout", type=positive_float, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
@@ -778,6 +781,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         done = load_done(progress_path, jobs) if args.resume else {}
         return dry_run_api(args, [job for job in jobs if job.id not in done], names, price)
+    if args.backend in API_BACKENDS and args.cache:  # an unusable cache stops before anything is written
+        open_cache(args).close()
     with OutputLock(progress_path):
         return classify_and_write(args, names, jobs, total, items if args.eval else None, progress_path, price)
 

@@ -486,6 +486,7 @@ def make_judge_ask(args):
     """
     from realign.client import (
         FLEX_TIMEOUT,
+        OPENAI_BASE_URL,
         Client,
         RequestRejected,
         RetriesExhausted,
@@ -508,16 +509,23 @@ def make_judge_ask(args):
     if args.cache:
         from realign.cache import Cache
 
-        cache = Cache(args.cache_dir, read=not args.refresh_cache, write=not args.dry_run)
+        # A dry run only reads (with --refresh_cache too: the limits the cache remembers).
+        cache = Cache(args.cache_dir, read=args.dry_run or not args.refresh_cache, write=not args.dry_run)
     state = {}
 
+    from realign.client import resolve_api_key, resolve_base_url
+
+    base_url = resolve_base_url(args.base_url)
     if args.dry_run:
-        report = DryRunReport("evaluate (judges)", cache, None, price, {}, JUDGE_MAX_TOKENS,
-                              completion_note=f"about {JUDGE_EXPECTED_TOKENS} tokens a verdict")
+        known = cache.known_limits(f"{(base_url or OPENAI_BASE_URL).rstrip('/')} {args.judge_model}") if cache else {}
+        limits = {"requests": args.max_requests_per_minute or known.get("requests"),
+                  "tokens": args.max_tokens_per_minute or known.get("tokens")}
+        report = DryRunReport("evaluate (judges)", cache if not args.refresh_cache else None, None, price, limits,
+                              JUDGE_MAX_TOKENS, completion_note=f"about {JUDGE_EXPECTED_TOKENS} tokens a verdict")
         state["report"] = report
 
         async def ask(messages):
-            if report.is_cached(Client.key_of(args.base_url, "/chat/completions",
+            if report.is_cached(Client.key_of(base_url, "/chat/completions",
                                               Client.logical_chat(messages, sampling))):
                 report.add_cached()
             else:
@@ -532,9 +540,6 @@ def make_judge_ask(args):
 
         return ask, close
 
-    from realign.client import resolve_api_key, resolve_base_url
-
-    base_url = resolve_base_url(args.base_url)
     api_key = resolve_api_key(None, base_url)
 
     async def start():

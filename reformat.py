@@ -91,6 +91,7 @@ from realign import (
     non_negative_int,
     positive_int,
     setup_logging,
+    write_json_atomic,
 )
 from realign.cache import request_key
 from realign.cli import progress_bar
@@ -113,6 +114,7 @@ from realign.pricing import BudgetReached, DryRunReport, find_price
 logger = logging.getLogger("reformat")
 
 BATCH_FILE = "rewrite_data_{batch_id}_of_{batch_num}_batch.jsonl"
+ARRAY_LAYOUT = "slurm_array.json"  # the layout of the Slurm array that started the run
 BATCH_FILE_RE = re.compile(r"rewrite_data_(0|[1-9]\d*)_of_([1-9]\d*)_batch\.jsonl")
 REFUSAL_HINT = "check --model, --target_length, --temperature, --top_p and --extra_body"
 CHARS_PER_TOKEN = 4.0  # estimate of a length in tokens when no tokenizer is given
@@ -291,16 +293,19 @@ def resolve_chunk(batch_id, batch_num, output_directory):
     """``(batch id, batch number, how it was found)`` from the flags, the Slurm array
     variables and the batch files already in the output folder.
 
-    A whole array (``--array=0-9``, or 1-10, or 0-18:2) tells both numbers. A resubmitted
-    index (``sbatch --array=3`` sets SLURM_ARRAY_TASK_COUNT=1) or a subset (``--array=3,5``)
-    cannot tell the count: the task id is then the chunk id and the count comes from
-    ``--dataset_batch_num`` or from the batch files in the folder (one N there); otherwise
-    the run refuses. A count that disagrees with the batch files in the folder is refused
-    too: the process never works on a chunk other than the one the user meant.
+    A whole array (``--array=0-9``, or 1-10, or 0-18:2) tells both numbers; its layout is
+    then kept in ``<output_directory>/slurm_array.json``. A resubmitted index (``sbatch
+    --array=3`` sets SLURM_ARRAY_TASK_COUNT=1) or a subset (``--array=3,5``) cannot tell the
+    count: the task id is mapped to its chunk with the layout kept by the first run (else it
+    is the chunk id, as in an array numbered from 0), and the count comes from
+    ``--dataset_batch_num``, the kept layout, or the batch files in the folder (one N
+    there); otherwise the run refuses. A count that disagrees with the batch files in the
+    folder is refused too: the process never works on a chunk other than the one the user
+    meant. Returns ``(batch id, batch number, how, layout to keep or None)``.
     """
     found = batch_numbers_in(output_directory)
     task_id = _env_int("SLURM_ARRAY_TASK_ID")
-    how = "flags"
+    how, layout = "flags", None
     if batch_id is None and task_id is not None:
         count, first = _env_int("SLURM_ARRAY_TASK_COUNT"), _env_int("SLURM_ARRAY_TASK_MIN")
         last, step = _env_int("SLURM_ARRAY_TASK_MAX"), _env_int("SLURM_ARRAY_TASK_STEP") or 1
@@ -308,10 +313,19 @@ def resolve_chunk(batch_id, batch_num, output_directory):
         last = first + (count - 1) * step if last is None and count else last
         whole = (count is not None and last is not None and count == (last - first) // step + 1
                  and (count > 1 or first == 0))
+        kept = read_array_layout(output_directory)
         if whole:
             batch_id, how = (task_id - first) // step, "Slurm array"
             if batch_num is None:
                 batch_num = count
+            layout = {"first": first, "step": step, "count": count}
+        elif kept is not None and (task_id - kept["first"]) % kept["step"] == 0 \
+                and 0 <= (task_id - kept["first"]) // kept["step"] < kept["count"]:
+            batch_id = (task_id - kept["first"]) // kept["step"]
+            how = (f"resubmitted Slurm index of the array {kept['first']}..., step {kept['step']}, "
+                   f"{kept['count']} tasks, kept in {os.path.join(output_directory, ARRAY_LAYOUT)}")
+            if batch_num is None:
+                batch_num = kept["count"]
         else:
             batch_id, how = task_id, "resubmitted Slurm index"
             if batch_num is None:
@@ -335,7 +349,20 @@ def resolve_chunk(batch_id, batch_num, output_directory):
         raise InputError(f"{output_directory} holds batch files of N = {', '.join(map(str, sorted(others)))}, "
                          f"but this run cuts the input into {batch_num} chunks ({how}); pass the same "
                          "--dataset_batch_num as before, or use another --output_directory")
-    return batch_id, batch_num, how
+    return batch_id, batch_num, how, layout
+
+
+def read_array_layout(output_directory):
+    """The Slurm array layout ``{"first", "step", "count"}`` a whole array kept, or None."""
+    try:
+        with open(os.path.join(output_directory, ARRAY_LAYOUT), encoding="utf-8") as f:
+            layout = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(layout, dict) and all(isinstance(layout.get(k), int) for k in ("first", "step", "count")) \
+            and layout["step"] >= 1 and layout["count"] >= 1:
+        return layout
+    return None
 
 
 # -- the batch file ------------------------------------------------------------------
@@ -656,7 +683,8 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     check_constants()
     sampling = make_sampling(args)
-    batch_id, batch_num, how = resolve_chunk(args.dataset_batch_id, args.dataset_batch_num, args.output_directory)
+    batch_id, batch_num, how, layout = resolve_chunk(args.dataset_batch_id, args.dataset_batch_num,
+                                                     args.output_directory)
     args.dataset_batch_id, args.dataset_batch_num = batch_id, batch_num
     path = batch_path(args.output_directory, batch_id, batch_num)
     if args.batch_cancel:
@@ -672,7 +700,12 @@ def main(argv=None) -> int:
     api_key = resolve_api_key(args.openai_key, args.base_url)
     run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
     plans = scan_chunk(args, run, start, end)  # bad input stops here, before anything is written
+    if args.cache:  # a cache that cannot be used stops here, before anything is written
+        open_cache(args).close()
     os.makedirs(args.output_directory, exist_ok=True)
+    if layout is not None and read_array_layout(args.output_directory) is None:
+        # So that a resubmitted index of this array (sbatch --array=4) finds its chunk.
+        write_json_atomic(os.path.join(args.output_directory, ARRAY_LAYOUT), layout)
     with OutputLock(path):
         return run_chunk(args, run, plans, path, total, start, end, how, api_key, price)
 
@@ -784,12 +817,14 @@ def dry_run(args, sampling, path, total, start, end, price):
     from realign.cache import Cache
 
     run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
-    cache = Cache(args.cache_dir, read=not args.refresh_cache, write=False) if args.cache else None
+    cache = Cache(args.cache_dir, read=True, write=False) if args.cache else None  # only read, never written
     limits = cache.known_limits(f"{(args.base_url or 'https://api.openai.com/v1').rstrip('/')} {args.model}") \
         if cache is not None else {}
     limits = {"requests": args.max_requests_per_minute or limits.get("requests"),
               "tokens": args.max_tokens_per_minute or limits.get("tokens")}
-    report = DryRunReport("reformat", cache, args.tokenizer_path, price, limits, sampling.max_output_tokens)
+    # --refresh_cache: the run would answer nothing from the cache, but its limits still tell the time.
+    report = DryRunReport("reformat", None if args.refresh_cache else cache, args.tokenizer_path, price, limits,
+                          sampling.max_output_tokens)
     batch_lines = read_batch_file(path)
     batches = batch_api.DryPlan(args) if args.batch_api else None
     counts, _, _, _ = tally(scan_chunk(args, run, start, end, report, batch_lines, batches), batch_lines,

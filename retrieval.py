@@ -62,7 +62,7 @@ from realign import (
 from realign.cache import Cache, request_key
 from realign.cli import progress_bar
 from realign.client import add_cache_arguments
-from realign.pool import Stopper
+from realign.pool import RefusalPolicy, Stopper
 from realign.pricing import Budget, BudgetReached, DryRunReport, Spend
 from realign.search import SERPER_URL, SearchFailed, make_session, search
 
@@ -198,6 +198,7 @@ def run_searches(pending, keys, args, api_key, progress_path, stats, cache, spen
     and saved, so that nothing paid for is searched again. A FatalError stops at once.
     """
     found, failed, refused = {}, {}, {}
+    policy = RefusalPolicy("check --gl, --hl, --search_url and the key's Serper credits")
     session = make_session(args.batch_size)
 
     def search_one(query):
@@ -240,6 +241,12 @@ def run_searches(pending, keys, args, api_key, progress_path, stats, cache, spen
                     progress.write({"id": record_id, "key": keys[record_id], "evidence": evidence})
                     found[record_id] = evidence
 
+            def record_refused(items):
+                for record_ids, error in items:
+                    for record_id in record_ids:
+                        refused[record_id] = error
+                        progress.write({"id": record_id, "key": keys[record_id], "refused": True, "error": error})
+
             def settle(future, record_ids):
                 try:
                     evidence = future.result()
@@ -247,14 +254,13 @@ def run_searches(pending, keys, args, api_key, progress_path, stats, cache, spen
                     stopper.stop("budget", str(e))
                 except SearchFailed as e:
                     for record_id in record_ids:
-                        if e.permanent:
-                            refused[record_id] = str(e)
-                            progress.write({"id": record_id, "key": keys[record_id], "refused": True,
-                                            "error": str(e)})
-                        else:
-                            failed[record_id] = str(e)
                         logger.warning("id %r: search %s: %s", record_id, "refused" if e.permanent else "failed", e)
+                        if not e.permanent:
+                            failed[record_id] = str(e)
+                    if e.permanent:  # held until a search succeeds: wrong settings refuse every query
+                        record_refused(policy.refused((record_ids, str(e)), str(e)))
                 else:
+                    record_refused(policy.success())
                     save(record_ids, evidence)
                 bar.update(len(record_ids))
 
@@ -266,6 +272,7 @@ def run_searches(pending, keys, args, api_key, progress_path, stats, cache, spen
                     for future in done:
                         settle(future, in_flight.pop(future))
                         submit_next()
+                policy.finish(stopper)
             except BaseException:
                 stopper.stop("error")  # no new request is sent; retry waits end at once
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -352,6 +359,8 @@ def main(argv=None) -> int:
             and not os.environ.get("SERPER_API_KEY", "").strip():  # before anything is written
         raise ConfigError("SERPER_API_KEY is not set: export your Serper API key (https://serper.dev) "
                           "to search the queries of the records of RAG_TASKS")
+    if args.cache:  # an unusable cache stops here, before anything is written
+        open_cache(args).close()
     with OutputLock(paths["progress"]):
         cache = open_cache(args)
         return search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn)

@@ -106,6 +106,7 @@ class Runner:
         self.signals = 0
 
     def start(self, script, args, log_name, capture=False):
+        self.check_stopped()  # a signal between two stages: do not start the next one
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, f"{log_name}.log")
         command = [self.python, os.path.join(HERE, script), *map(str, args)]
@@ -133,12 +134,15 @@ class Runner:
         return output
 
     def forward(self, signum, _frame):
-        """Pass a stop signal on to every child (once per signal received here)."""
+        """Pass a stop signal on to every child (once per signal received here); with no
+        stage running (converting the input, between stages) stop at once."""
         self.stopping = signum
         self.signals += 1
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        running = [child for child in self.children if child.poll() is None]
+        for child in running:
+            child.send_signal(signum)
+        if not running:
+            raise KeyboardInterrupt
 
     def check_stopped(self):
         if self.stopping is not None:
@@ -220,7 +224,7 @@ def run_reformat(args, runner, input_path, out, budget):
     """Start one reformat process per batch id, wait for all, and name the ones that failed."""
     rewrite_dir = os.path.join(out, "rewrite")
     started = []
-    logger.info("stage reformat: %d processes", args.num_processes)
+    logger.info("stage reformat: %d process%s", args.num_processes, "" if args.num_processes == 1 else "es")
     share = budget.left(args.num_processes)
     for batch_id in range(args.num_processes):
         child, log_path = runner.start("reformat.py", reformat_args(args, input_path, rewrite_dir, batch_id, share),
@@ -293,8 +297,10 @@ def run_stages(args, runner, out):
                 command += ["--model", args.classifier_model]
             if args.classifier_base_url:
                 command += ["--base_url", args.classifier_base_url]
-            if api:
+            if args.classifier_backend == "openai_chat":  # a chat model of the price table
                 command += cost_flags(args, budget.left())
+            elif api:  # a served classifier: its own server, no price; the cache and dry run apply
+                command += cost_flags(args, tokens=False)
             try:
                 output = runner.run("classify", "classify.py", command + shlex.split(args.classify_args),
                                     capture=args.dry_run)

@@ -25,6 +25,8 @@ import threading
 import time
 import zlib
 
+from realign.records import InputError
+
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "requests.sqlite3"
@@ -66,9 +68,13 @@ class Cache:
         self._lock = threading.Lock()
         self._db = None
         if read or write:
-            os.makedirs(self.directory, exist_ok=True)
             self.path = os.path.join(self.directory, CACHE_FILE)
-            self._db = self._connect()
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                self._db = self._connect()
+            except (OSError, sqlite3.Error) as e:
+                raise InputError(f"{self.path}: cannot use the request cache ({e}); choose another --cache_dir "
+                                 "or pass --no-cache") from None
         else:
             self.path = None
 

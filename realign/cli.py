@@ -58,6 +58,14 @@ def exits_cleanly(main):
         except FatalError as e:
             sys.stderr.write(f"{prog}: error: {e}\n")
             return 1
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                PermissionError) as e:  # a path that cannot be what the command needs
+            sys.stderr.write(f"{prog}: error: {e.filename or ''}: {e.strerror or e}\n")
+            return 2
+        except OSError as e:  # the disk, not the input (full, read-only, I/O error)
+            where = f"{e.filename}: " if e.filename else ""
+            sys.stderr.write(f"{prog}: error: {where}{e.strerror or e}\n")
+            return 1
         except KeyboardInterrupt:
             sys.stderr.write(f"{prog}: interrupted; progress so far is saved, rerun to continue\n")
             return 130

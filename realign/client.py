@@ -127,14 +127,14 @@ Answer = collections.namedtuple("Answer", "reply cached key usable")
 
 
 def add_client_arguments(parser, *, default_concurrency=16, default_max_retries=8, default_timeout=600.0,
-                         cache=True, budget=True):
+                         cache=True, budget=True, base_url_default="$OPENAI_BASE_URL, else OpenAI"):
     """The flags every stage that uses this client shares (one place, one meaning)."""
     from realign.cli import non_negative_int, positive_float, positive_int
 
     group = parser.add_argument_group("API client")
     group.add_argument("--base_url", default=None,
                        help="base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1 "
-                            "(default: $OPENAI_BASE_URL, else OpenAI)")
+                            f"(default: {base_url_default})")
     group.add_argument("--concurrency", type=positive_int, default=default_concurrency,
                        help=f"requests in flight at once (default: {default_concurrency})")
     group.add_argument("--max_retries", type=non_negative_int, default=default_max_retries,
@@ -560,9 +560,12 @@ class Client:
                     return await self._post(path, bodies[0], prompt_estimate)
                 results = await asyncio.gather(*(self._post(path, body, prompt_estimate) for body in bodies),
                                                return_exceptions=True)
-                for result in results:
-                    if isinstance(result, BaseException):
-                        raise result
+                failure = next((r for r in results if isinstance(r, BaseException)), None)
+                if failure is not None:
+                    for result in results:  # the parts that were answered were paid for
+                        if isinstance(result, dict):
+                            self.spend.add_usage(result.get("usage"))
+                    raise failure
                 return merge_replies(results)
             except _Refused as refusal:
                 if adapter.apply(logical) != bodies:  # adapted meanwhile (another request's refusal)

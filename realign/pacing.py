@@ -19,7 +19,8 @@ while a reply is on its way.
 
 Before any reply has said what the limits are, one request is sent alone (a probe): a
 server without rate-limit headers is then not paced at all. ``rpm`` / ``tpm`` given by
-the user are used from the start and are not raised by headers (they may lower them).
+the user are this process's own budget from the start: the headers (which describe the
+whole key) may lower what it spends, never raise it.
 """
 
 import asyncio
@@ -227,8 +228,10 @@ class Pacer:
             self.paced = True
         for dim, (limit, remaining, reset) in described.items():
             bucket = self.buckets[dim]
-            if not bucket.fixed or limit < bucket.limit:
-                bucket.limit = limit
+            if bucket.fixed:
+                self._observe_fixed(bucket, dim, now, elapsed, sent_at, limit, remaining, reset)
+                continue
+            bucket.limit = limit
             level = remaining  # the server's level when it admitted this request
             if reset is not None:
                 if remaining >= 1:  # remaining + the refill until full = the bucket's size
@@ -246,6 +249,20 @@ class Pacer:
             bucket.level = bucket.share * server_now - since
         self._forget_old_sends(now)
         self._end_probe()
+
+    def _observe_fixed(self, bucket, dim, now, elapsed, sent_at, limit, remaining, reset):
+        """A limit given by flag stays this process's own budget; the server's headers (which
+        describe the whole key) may only lower what it may spend now, never raise it."""
+        if limit < bucket.limit:  # the server allows less than the flag: its limit binds
+            bucket.limit = limit
+        bucket.refill(now)
+        server_rate = limit / 60.0
+        capacity = remaining + server_rate * reset if reset is not None else float(limit)
+        level = remaining
+        if remaining < 1 and reset is not None:  # floored at 0: the reset shows a debt
+            level = min(0.0, float(limit) - server_rate * reset)
+        server_now = min(capacity, level + server_rate * elapsed) - self._sent_since(sent_at)[dim]
+        bucket.level = server_now if bucket.level is None else min(bucket.level, server_now)
 
     def _estimate_share(self, bucket, dim, admitted, level):
         """What the others spend, from how the server's level moved between two of our

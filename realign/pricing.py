@@ -117,11 +117,11 @@ class Spend:
     def describe(self):
         """``"prompt tokens: 1,234 (0 cached), completion tokens: 567, spend: $0.0012"``."""
         parts = []
-        if self.prompt_tokens or self.completion_tokens or not self.searches:
+        if self.prompt_tokens or self.completion_tokens or self.search_price is None:
             parts.append(f"prompt tokens: {self.prompt_tokens:,} ({self.cached_tokens:,} cached), "
                          f"completion tokens: {self.completion_tokens:,}")
-        if self.searches:
-            parts.append(f"searches: {self.searches:,}")
+        if self.searches or self.search_price is not None:
+            parts.append(f"searches paid: {self.searches:,}")
         parts.append(f"spend: ${self.cost:.4f}" if self.priced else "spend: unknown (no price for this model)")
         return ", ".join(parts)
 
@@ -193,7 +193,8 @@ class DryRunReport:
         self.requests = self.cached = self.searches = 0
         self.prompt_tokens = self.completion_tokens = self.limit_tokens = 0.0
         self.tokenizer = None
-        self.counted = "estimated at 4 characters a token (pass --tokenizer_path to count)"
+        self.counted = "estimated at 4 characters a token" + (
+            " (pass --tokenizer_path to count)" if stage == "reformat" else "")
         if tokenizer_path:
             from transformers import AutoTokenizer
 

@@ -378,3 +378,16 @@ def test_the_budget_counts_the_requests_in_flight_and_learns_longer_replies():
     assert budget.ratio() == 2.0
     assert budget.estimate(1, 1) == 3.0  # 1 in + 1 x 2 out
     budget.settle(second)
+
+
+def test_a_limit_given_by_flag_is_not_raised_by_the_headers_of_a_larger_key():
+    clock = Clock()
+    pacer = Pacer(rpm=600, clock=clock)  # this process's part: 10 a second, it starts with 10
+    sent = asyncio.run(pacer.acquire())
+    clock.now += 0.2
+    pacer.observe(headers(60000, 50000, "10s"), sent)  # the key as a whole has plenty
+    assert pacer.limits()["requests"] == 600
+    assert pacer.buckets["requests"].level == pytest.approx(10 - 1 + 0.2 * 10)  # its own budget
+    clock.now += 0.2
+    pacer.observe(headers(300, 0, "61s"), sent)  # the server's limit is lower still: it wins
+    assert pacer.limits()["requests"] == 300 and pacer.buckets["requests"].level < 0

@@ -420,7 +420,7 @@ def test_slurm_array_variables_pick_the_chunk(tmp_path, fake_openai, monkeypatch
     assert status == 0
     assert sorted(by_id(lines)) == [7, 8, 9]
     assert sorted(os.listdir(tmp_path / "out")) == [".rewrite_data_2_of_3_batch.jsonl.lock",
-                                                    "rewrite_data_2_of_3_batch.jsonl"]
+                                                    "rewrite_data_2_of_3_batch.jsonl", "slurm_array.json"]
     # --array=1-5:2: task ids 1, 3, 5 are chunks 0, 1, 2 of 3
     for name, value in (("ID", "5"), ("MIN", "1"), ("MAX", "5"), ("STEP", "2")):
         monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)
@@ -449,6 +449,19 @@ def test_a_resubmitted_slurm_index_takes_its_chunk_of_the_folders_batch_count(tm
     assert status == 0
     assert sorted(by_id(lines)) == [12, 13, 14, 15]  # chunk 3 of 10 of 40 records
     assert len(chats(fake_openai)) == 4
+
+
+def test_a_resubmitted_index_of_a_one_based_array_finds_its_chunk(tmp_path, fake_openai, monkeypatch):
+    records = [record(i) for i in range(40)]
+    for name, value in (("ID", "1"), ("COUNT", "10"), ("MIN", "1"), ("MAX", "10"), ("STEP", "1")):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)  # sbatch --array=1-10: task 1 is chunk 0
+    status, lines = run(tmp_path, fake_openai, records, batch="0_of_10")
+    assert status == 0 and sorted(by_id(lines)) == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "out" / "slurm_array.json").read_text()) == {"first": 1, "step": 1, "count": 10}
+    for name, value in (("ID", "4"), ("COUNT", "1"), ("MIN", "4"), ("MAX", "4")):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", value)  # sbatch --array=4: chunk 3, not chunk 4
+    status, lines = run(tmp_path, fake_openai, records, batch="3_of_10")
+    assert status == 0 and sorted(by_id(lines)) == [12, 13, 14, 15]
 
 
 def test_resume_never_asks_again_for_a_finished_id(tmp_path, fake_openai):

@@ -342,6 +342,19 @@ def test_a_query_refused_for_good_is_recorded_and_not_sent_again(fake_serper, tm
     assert read_json(output)[1]["items"][0]["evidence"][0] == "Result 1 about Refused?."
 
 
+def test_a_server_that_refuses_every_query_stops_the_run_and_records_nothing(fake_serper, tmp_path, capsys):
+    records = [record(i, f"Query {i}?", "open_qa") for i in range(12)]
+    fake_serper.add_fault(400, times=None)  # e.g. a --gl the server does not know
+    input_path = write_input(tmp_path, records)
+    output = str(tmp_path / "out.json")
+    assert run(input_path, output, fake_serper, "--batch_size", "1") == 1
+    err = capsys.readouterr().err
+    assert "error: the first 8 requests were all refused (HTTP 400: Bad request.); check --gl, --hl" in err
+    assert len(queries_sent(fake_serper)) == 8 and not os.path.exists(output)
+    progress = tmp_path / "out_progress.jsonl"
+    assert not progress.exists() or read_lines(str(progress)) == []  # not recorded as refused for good
+
+
 def test_the_cache_answers_a_rerun_into_a_fresh_folder(fake_serper, tmp_path):
     records = [record(i, f"Query {i}?", "open_qa") for i in range(6)]
     input_path = write_input(tmp_path, records)
