@@ -52,7 +52,7 @@ from realign import (
     write_json_atomic,
     write_json_list_atomic,
 )
-from realign.cache import Cache
+from realign.cache import Cache, open_cache
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
@@ -65,6 +65,7 @@ from realign.client import (
     Sampling,
     add_client_arguments,
     default_reasoning_effort,
+    reply_text,
     resolve_api_key,
     resolve_base_url,
 )
@@ -506,15 +507,6 @@ def task_schema(names):
                                        "required": ["task"], "additionalProperties": False}}}
 
 
-def reply_text(reply):
-    """The text of the first choice of a completion or chat reply, or None."""
-    choices = reply.get("choices") or []
-    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message")
-    text = message.get("content") if isinstance(message, dict) else choice.get("text")
-    return text if isinstance(text, str) else None
-
-
 def chat_answer(text):
     """The task a chat reply names: the ``task`` of a JSON answer, else the text itself."""
     try:
@@ -546,12 +538,6 @@ def logical_request(args, query, sampling):
     if args.backend == "openai_chat":
         return CHAT, Client.logical_chat(build_chat_messages(query), sampling)
     return COMPLETIONS, Client.logical_completion(build_prompt(query), sampling)
-
-
-def open_cache(args, write=True):
-    if not args.cache:
-        return None
-    return Cache(args.cache_dir, read=not args.refresh_cache, write=write)
 
 
 async def classify_with_api(args, jobs, names, save_results, stats, api_key, price, stopper):

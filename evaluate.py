@@ -74,7 +74,6 @@ from realign import (
     exits_cleanly,
     iter_records,
     non_negative_int,
-    positive_float,
     positive_int,
     refuse_overwriting_input,
     setup_logging,
@@ -492,6 +491,7 @@ def make_judge_ask(args):
         RetriesExhausted,
         Sampling,
         default_reasoning_effort,
+        reply_text,
     )
     from realign.pool import Stopped
     from realign.pricing import BudgetReached, DryRunReport, find_price
@@ -579,14 +579,6 @@ def make_judge_ask(args):
             cache.close()
 
     return ask, close
-
-
-def reply_text(reply):
-    """The content of a chat reply's first choice, or None."""
-    choices = reply.get("choices") or []
-    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    return content if isinstance(content, str) else None
 
 
 def _mean(values):

@@ -93,7 +93,7 @@ from realign import (
     setup_logging,
     write_json_atomic,
 )
-from realign.cache import request_key
+from realign.cache import open_cache, request_key
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
@@ -109,7 +109,7 @@ from realign.client import (
     resolve_base_url,
 )
 from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
-from realign.pricing import BudgetReached, DryRunReport, find_price
+from realign.pricing import CHARS_PER_TOKEN, BudgetReached, DryRunReport, find_price
 
 logger = logging.getLogger("reformat")
 
@@ -117,7 +117,6 @@ BATCH_FILE = "rewrite_data_{batch_id}_of_{batch_num}_batch.jsonl"
 ARRAY_LAYOUT = "slurm_array.json"  # the layout of the Slurm array that started the run
 BATCH_FILE_RE = re.compile(r"rewrite_data_(0|[1-9]\d*)_of_([1-9]\d*)_batch\.jsonl")
 REFUSAL_HINT = "check --model, --target_length, --temperature, --top_p and --extra_body"
-CHARS_PER_TOKEN = 4.0  # estimate of a length in tokens when no tokenizer is given
 
 # "Revised response:" as models write it: any case, optionally wrapped in markdown emphasis
 # ("**Revised response:**", "__Revised Response__:"). The closing emphasis must match the
@@ -264,7 +263,7 @@ def fingerprint(*parts):
 
 
 def estimate_tokens(text):
-    return len(text) / CHARS_PER_TOKEN
+    return len(text) / CHARS_PER_TOKEN  # no tokenizer: the client's estimate
 
 
 # -- which chunk (Slurm arrays) --------------------------------------------------------
@@ -781,14 +780,6 @@ async def work(args, run, start, end, batch_lines, api_key, price, to_rewrite):
         if run.client is not None:
             run.client.remember_limits(args.model)
             await run.client.close()
-
-
-def open_cache(args):
-    from realign.cache import Cache
-
-    if not args.cache:
-        return None
-    return Cache(args.cache_dir, read=not args.refresh_cache, write=True)
 
 
 def write_usage(args, run, report=None):

@@ -59,7 +59,7 @@ from realign import (
     write_json_atomic,
     write_json_lists_atomic,
 )
-from realign.cache import Cache, request_key
+from realign.cache import open_cache, request_key
 from realign.cli import progress_bar
 from realign.client import add_cache_arguments
 from realign.pool import RefusalPolicy, Stopper
@@ -445,12 +445,6 @@ def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn)
                 counts["cleaned away"], total - len(wanted) - multi_turn, multi_turn, summary)
     logger.info("wrote %s and %s", paths["raw"], paths["clean"])
     return 1 if failed_ids else 0
-
-
-def open_cache(args, write=True):
-    if not args.cache:
-        return None
-    return Cache(args.cache_dir, read=not args.refresh_cache, write=write)
 
 
 def write_usage(args, stats, spend, stopper, report=None):

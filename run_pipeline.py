@@ -40,7 +40,6 @@ import time
 from constant import DEFAULT_MODEL
 from realign import (
     FatalError,
-    InputError,
     chunk_bounds,
     count_records,
     exits_cleanly,

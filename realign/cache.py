@@ -154,3 +154,11 @@ class Cache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_cache(args, write=True):
+    """The cache of a script's ``--cache_dir`` / ``--cache`` / ``--refresh_cache`` flags
+    (None with ``--no-cache``); ``write=False`` for a run that only reads."""
+    if not args.cache:
+        return None
+    return Cache(args.cache_dir, read=not args.refresh_cache, write=write)

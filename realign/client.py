@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from realign.cache import request_key
 from realign.cli import FatalError
 from realign.pacing import Pacer
-from realign.pricing import Budget, Spend
+from realign.pricing import CHARS_PER_TOKEN, Budget, Spend
 from realign.records import InputError
 from realign.retry import is_transient_status, parse_retry_after, retry_delay
 
@@ -51,7 +51,6 @@ CHAT = "/chat/completions"
 COMPLETIONS = "/completions"
 FLEX_TIMEOUT = 900.0  # flex requests may wait for capacity: 15 minutes
 DEFAULT_OUTPUT_CAP = 4096  # what a server counts against the token limit when no cap is sent
-CHARS_PER_TOKEN = 4.0  # the usual estimate for English text
 MAX_ADAPTATIONS = 8  # parameter adaptations tried for one request
 MAX_LISTED_MODELS = 10
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -121,6 +120,15 @@ class Sampling:
 
 
 Answer = collections.namedtuple("Answer", "reply cached key usable")
+
+
+def reply_text(reply):
+    """The text of the first choice of a chat or text-completion reply, or None."""
+    choices = reply.get("choices") or []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else None
 
 
 # -- settings from the command line ------------------------------------------------------

@@ -134,13 +134,10 @@ class Pacer:
         self.latency = None  # smoothed seconds from send to reply
         self.sent = collections.deque()  # (time, request cost, token cost) of recent starts
         self.headers_seen = False
-        self.paced = rpm is not None or tpm is not None
-        self.probe_done = self.paced
+        self.probe_done = rpm is not None or tpm is not None  # given limits: no probe needed
         self._probe_in_flight = False
         self._probe_event = None
         self._lock = None
-        self.waited = 0.0  # seconds spent waiting for the pacer, for the summary
-        self.refusals = 0
         self._last_refusal = float("-inf")
 
     # -- sending ------------------------------------------------------------------
@@ -171,7 +168,6 @@ class Pacer:
             self._probe_event = asyncio.Event()
         costs = {"requests": 1.0, "tokens": float(tokens)}
         async with self._lock:  # one waiter at a time: requests start in order, evenly spaced
-            started_wait = self.clock()
             while not self.probe_done and self._probe_in_flight:
                 await self._probe_event.wait()
             while True:
@@ -180,7 +176,6 @@ class Pacer:
                 if wait <= 0 or (stopping is not None and stopping()):
                     break
                 await asyncio.sleep(min(wait, MAX_SLEEP))
-            self.waited += now - started_wait
             for dim, bucket in self.buckets.items():
                 if bucket.level is not None:
                     bucket.level -= costs[dim]
@@ -225,7 +220,6 @@ class Pacer:
         described = read_rate_headers(headers) if headers is not None else {}
         if described:
             self.headers_seen = True
-            self.paced = True
         for dim, (limit, remaining, reset) in described.items():
             bucket = self.buckets[dim]
             if bucket.fixed:
@@ -291,7 +285,6 @@ class Pacer:
         """A 429 of the rate limit (after :meth:`observe` of its headers): pause everyone for
         ``retry_after`` seconds when the server says so."""
         now = self.clock()
-        self.refusals += 1
         if sent_at > self._last_refusal:  # once per round trip: the 429s of one burst are one signal
             self._last_refusal = now
             for bucket in self.buckets.values():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import constant
 
 PER_MILLION = 1_000_000
+CHARS_PER_TOKEN = 4.0  # the usual estimate for English text, where no tokenizer counts
 _DATE_SUFFIX_RE = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
@@ -207,7 +208,7 @@ class DryRunReport:
     def count_text(self, text):
         if self.tokenizer is not None:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return len(text) / 4.0
+        return len(text) / CHARS_PER_TOKEN
 
     def count_prompt(self, messages):
         if isinstance(messages, str):

@@ -35,6 +35,16 @@ def own_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def api_env(request, monkeypatch):
+    """No OpenAI or Slurm variable of the machine reaches the test; OPENAI_API_KEY is the
+    test module's KEY."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                 "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", request.module.KEY)
+
+
+@pytest.fixture
 def fake_openai():
     """A running FakeOpenAIServer; point clients at `fake_openai.url`."""
     with FakeOpenAIServer() as server:

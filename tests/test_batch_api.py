@@ -19,12 +19,7 @@ KEY = "sk-test-batch-5ecret-0077"
 FAST = ["--batch_api", "--poll_interval", "0.01"]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
-                 "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+pytestmark = pytest.mark.usefixtures("api_env")  # no ambient OpenAI or Slurm variables; OPENAI_API_KEY=KEY
 
 
 def record(record_id, category="open_qa", response=None):

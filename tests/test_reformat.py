@@ -22,12 +22,7 @@ EXAMPLES = os.path.join(ROOT, "datasets", "examples", "realign_examples.json")
 KEY = "sk-test-5ecret-key-0042"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
-                 "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+pytestmark = pytest.mark.usefixtures("api_env")  # no ambient OpenAI or Slurm variables; OPENAI_API_KEY=KEY
 
 
 @pytest.fixture(scope="session")
