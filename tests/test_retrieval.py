@@ -350,7 +350,8 @@ def test_a_server_that_refuses_every_query_stops_the_run_and_records_nothing(fak
     assert run(input_path, output, fake_serper, "--batch_size", "1") == 1
     err = capsys.readouterr().err
     assert "error: the first 8 requests were all refused (HTTP 400: Bad request.); check --gl, --hl" in err
-    assert len(queries_sent(fake_serper)) == 8 and not os.path.exists(output)
+    # one worker with one query queued behind it: the queued one may start before the 8th refusal is settled
+    assert 8 <= len(queries_sent(fake_serper)) <= 9 and not os.path.exists(output)
     progress = tmp_path / "out_progress.jsonl"
     assert not progress.exists() or read_lines(str(progress)) == []  # not recorded as refused for good
 
