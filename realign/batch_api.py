@@ -466,7 +466,7 @@ class BatchMode:
         self.api = BatchAPI(run.client, self.args.max_retries, self.stopper, self.record.path)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        self.stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(task.cancel))
+        hard_stop = self.stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(task.cancel))
         try:
             await self._loop()
             run.policy.finish(self.stopper)
@@ -474,6 +474,7 @@ class BatchMode:
             if not self.stopper.is_set():
                 raise
         finally:
+            self.stopper.forget_hard_stop(hard_stop)
             if self.bar is not None:
                 self.bar.close()
             if self.stopper.interrupted and self.parts:

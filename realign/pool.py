@@ -101,7 +101,14 @@ class Stopper:
                 callback()
 
     def on_hard_stop(self, callback):
+        """Call ``callback()`` on a second signal, until :meth:`forget_hard_stop` (an event
+        loop's callback must go with its loop, or a later signal would call a closed loop)."""
         self._on_hard_stop.append(callback)
+        return callback
+
+    def forget_hard_stop(self, callback):
+        with contextlib.suppress(ValueError):
+            self._on_hard_stop.remove(callback)
 
     @contextlib.contextmanager
     def signals_handled(self):
@@ -211,7 +218,7 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
         for task in tasks:
             task.cancel()
 
-    stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(cancel_all))
+    hard_stop = stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(cancel_all))
     tasks.extend(asyncio.ensure_future(worker()) for _ in range(max(1, concurrency)))
     try:
         pending = set(tasks)
@@ -236,6 +243,7 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
                     raise task.exception()
     finally:
         stopper._detach(entry)
+        stopper.forget_hard_stop(hard_stop)
         for task in tasks:
             if not task.done():
                 task.cancel()

@@ -461,3 +461,24 @@ def test_a_broken_json_list_fails_the_count_but_not_a_range_before_the_break(tmp
     empty.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(InputError, match="file is empty"):
         count_records(str(empty))
+
+
+def test_a_second_signal_after_the_pool_ended_does_not_call_into_its_closed_loop(monkeypatch):
+    import asyncio
+
+    from realign import pool
+
+    monkeypatch.setattr(pool, "DUPLICATE_SIGNAL_WINDOW", 0.0)  # two signals in a row: "stop at once"
+    stopper = pool.Stopper()
+    handled = []
+
+    async def handle(job):
+        handled.append(job)
+
+    with stopper.signals_handled():
+        asyncio.run(pool.run_pool(range(3), handle, 2, stopper))
+        # e.g. Ctrl-C twice while the script writes its outputs, after its event loop closed
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert handled == [0, 1, 2]
+    assert stopper.reason == "signal" and stopper.signals == 2
