@@ -626,7 +626,7 @@ class Client:
             await self._sleep(delay)
 
     def _stopping(self):
-        return self.stopper is not None and self.stopper.is_set() and self.stopper.reason != "budget"
+        return self.stopper is not None and self.stopper.requests_blocked()
 
     def _check_stop(self):
         if self.stopper is not None:

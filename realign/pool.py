@@ -66,7 +66,7 @@ class Stopper:
     def check(self):
         """Raise :class:`Stopped` before a request is sent once a signal stopped the run. (A
         budget stop only keeps new jobs from starting: requests it already admitted go on.)"""
-        if self._event.is_set() and self.reason != "budget":
+        if self.requests_blocked():
             raise Stopped(self.reason)
 
     @property
@@ -225,7 +225,7 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
         deadline = None
         while pending:
             timeout, waiter = None, None
-            if stopper.is_set() and stopper.reason != "budget":  # the jobs in progress get the grace
+            if stopper.requests_blocked():  # the jobs in progress get the grace
                 deadline = loop.time() + grace if deadline is None else deadline
                 timeout = deadline - loop.time()
                 if timeout <= 0:
