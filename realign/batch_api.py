@@ -51,11 +51,11 @@ import re
 import time
 
 from realign.cli import FatalError, progress_bar
-from realign.client import CHAT, Adapter, Client, merge_replies, parse_retry_after_ms
+from realign.client import CHAT, Adapter, Client, merge_replies
 from realign.pool import Stopped, run_pool
 from realign.pricing import Spend, find_price
 from realign.records import InputError, write_json_atomic
-from realign.retry import is_transient_status, retry_delay
+from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
 
 logger = logging.getLogger(__name__)
 

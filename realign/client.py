@@ -41,7 +41,7 @@ from realign.cli import FatalError
 from realign.pacing import Pacer
 from realign.pricing import CHARS_PER_TOKEN, Budget, Spend
 from realign.records import InputError
-from realign.retry import is_transient_status, parse_retry_after, retry_delay
+from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -693,14 +693,3 @@ class Client:
 
     async def close(self):
         await self.sdk.close()
-
-
-def parse_retry_after_ms(headers):
-    """Seconds to wait from ``retry-after-ms`` (preferred) or ``retry-after``, or None."""
-    value = headers.get("retry-after-ms") if headers is not None else None
-    if value is not None:
-        try:
-            return min(max(float(value) / 1000.0, 0.0), 300.0)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("retry-after") if headers is not None else None)

@@ -30,6 +30,17 @@ def parse_retry_after(value):
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+def parse_retry_after_ms(headers):
+    """Seconds to wait from ``retry-after-ms`` (OpenAI's, preferred) or ``retry-after``, or None."""
+    value = headers.get("retry-after-ms") if headers is not None else None
+    if value is not None:
+        try:
+            return min(max(float(value) / 1000.0, 0.0), MAX_RETRY_AFTER)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("retry-after") if headers is not None else None)
+
+
 def retry_delay(attempt, retry_after=None, base=1.0, cap=30.0):
     """Wait before retry number ``attempt`` (0-based): the server's ``Retry-After`` when it
     sent one, else exponential backoff with jitter so that many workers do not retry in step."""
