@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from realign.cache import request_key
 from realign.cli import FatalError
 from realign.pacing import Pacer
-from realign.pricing import CHARS_PER_TOKEN, Budget, Spend
+from realign.pricing import CHARS_PER_TOKEN, Budget, Spend, without_date_suffix
 from realign.records import InputError
 from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
 
@@ -227,7 +227,7 @@ def default_reasoning_effort(model, given):
         return given, False
     lowest = constant.LOWEST_REASONING_EFFORT.get(model)
     if lowest is None:
-        lowest = constant.LOWEST_REASONING_EFFORT.get(re.sub(r"-\d{4}-\d{2}-\d{2}$", "", model or ""))
+        lowest = constant.LOWEST_REASONING_EFFORT.get(without_date_suffix(model))
     return lowest, lowest is not None
 
 

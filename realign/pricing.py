@@ -41,6 +41,11 @@ class Price:
                 + completion_tokens * self.output)
 
 
+def without_date_suffix(model):
+    """``gpt-6-luna-2026-09-22`` -> ``gpt-6-luna``: a dated snapshot is looked up as its model."""
+    return _DATE_SUFFIX_RE.sub("", model or "")
+
+
 def find_price(model, tier="online", price_input=None, price_output=None, price_cached_input=None,
                table=None):
     """The :class:`Price` of ``model`` at ``tier`` ("online", "flex" or "batch"), or None.
@@ -49,7 +54,7 @@ def find_price(model, tier="online", price_input=None, price_output=None, price_
     looked up without it.
     """
     table = constant.MODEL_PRICES if table is None else table
-    entry = table.get(model) or table.get(_DATE_SUFFIX_RE.sub("", model or ""))
+    entry = table.get(model) or table.get(without_date_suffix(model))
     half = tier in ("flex", "batch")
     listed = {}
     if entry:
