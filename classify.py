@@ -58,13 +58,13 @@ from realign.client import (
     CHAT,
     COMPLETIONS,
     FLEX_TIMEOUT,
-    OPENAI_BASE_URL,
     Client,
     RequestRejected,
     RetriesExhausted,
     Sampling,
     add_client_arguments,
     default_reasoning_effort,
+    dry_run_limits,
     reply_text,
     resolve_api_key,
     resolve_base_url,
@@ -597,9 +597,8 @@ def dry_run_api(args, jobs, names, price):
     """``--dry_run`` of the API backends: what the run would send and cost."""
     sampling = api_sampling(args, names)
     cache = Cache(args.cache_dir, read=True, write=False) if args.cache else None  # only read, never written
-    known = cache.known_limits(f"{(args.base_url or OPENAI_BASE_URL).rstrip('/')} {args.model}") if cache else {}
-    limits = {"requests": args.max_requests_per_minute or known.get("requests"),
-              "tokens": args.max_tokens_per_minute or known.get("tokens")}
+    limits = dry_run_limits(cache, args.base_url, args.model, args.max_requests_per_minute,
+                            args.max_tokens_per_minute)
     report = DryRunReport("classify", None if args.refresh_cache else cache, None, price, limits,
                           sampling.max_output_tokens,
                           completion_note=f"about {EXPECTED_ANSWER_TOKENS} tokens an answer")

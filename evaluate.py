@@ -485,12 +485,12 @@ def make_judge_ask(args):
     """
     from realign.client import (
         FLEX_TIMEOUT,
-        OPENAI_BASE_URL,
         Client,
         RequestRejected,
         RetriesExhausted,
         Sampling,
         default_reasoning_effort,
+        dry_run_limits,
         reply_text,
     )
     from realign.pool import Stopped
@@ -517,9 +517,8 @@ def make_judge_ask(args):
 
     base_url = resolve_base_url(args.base_url)
     if args.dry_run:
-        known = cache.known_limits(f"{(base_url or OPENAI_BASE_URL).rstrip('/')} {args.judge_model}") if cache else {}
-        limits = {"requests": args.max_requests_per_minute or known.get("requests"),
-                  "tokens": args.max_tokens_per_minute or known.get("tokens")}
+        limits = dry_run_limits(cache, base_url, args.judge_model, args.max_requests_per_minute,
+                                args.max_tokens_per_minute)
         report = DryRunReport("evaluate (judges)", cache if not args.refresh_cache else None, None, price, limits,
                               JUDGE_MAX_TOKENS, completion_note=f"about {JUDGE_EXPECTED_TOKENS} tokens a verdict")
         state["report"] = report

@@ -104,6 +104,7 @@ from realign.client import (
     Sampling,
     add_client_arguments,
     default_reasoning_effort,
+    dry_run_limits,
     optional_float,
     resolve_api_key,
     resolve_base_url,
@@ -809,10 +810,8 @@ def dry_run(args, sampling, path, total, start, end, price):
 
     run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
     cache = Cache(args.cache_dir, read=True, write=False) if args.cache else None  # only read, never written
-    limits = cache.known_limits(f"{(args.base_url or 'https://api.openai.com/v1').rstrip('/')} {args.model}") \
-        if cache is not None else {}
-    limits = {"requests": args.max_requests_per_minute or limits.get("requests"),
-              "tokens": args.max_tokens_per_minute or limits.get("tokens")}
+    limits = dry_run_limits(cache, args.base_url, args.model, args.max_requests_per_minute,
+                            args.max_tokens_per_minute)
     # --refresh_cache: the run would answer nothing from the cache, but its limits still tell the time.
     report = DryRunReport("reformat", None if args.refresh_cache else cache, args.tokenizer_path, price, limits,
                           sampling.max_output_tokens)

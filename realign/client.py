@@ -231,6 +231,17 @@ def default_reasoning_effort(model, given):
     return lowest, lowest is not None
 
 
+def limits_key(base_url, model):
+    """Under which name the cache remembers the rate limits a server reported for a model."""
+    return f"{(base_url or OPENAI_BASE_URL).rstrip('/')} {model}"
+
+
+def dry_run_limits(cache, base_url, model, rpm=None, tpm=None):
+    """The per-minute limits a dry run reckons with: the flags, else those the cache remembers."""
+    known = cache.known_limits(limits_key(base_url, model)) if cache is not None else {}
+    return {"requests": rpm or known.get("requests"), "tokens": tpm or known.get("tokens")}
+
+
 def resolve_base_url(flag_value):
     """``--base_url``, else ``$OPENAI_BASE_URL``, else None (OpenAI); a usage error when it is
     not an http(s) URL."""
@@ -689,7 +700,7 @@ class Client:
         if self.cache is not None:
             limits = self.pacer.limits()
             if self.pacer.headers_seen:
-                self.cache.remember_limits(f"{self.server} {model}", limits["requests"], limits["tokens"])
+                self.cache.remember_limits(limits_key(self.server, model), limits["requests"], limits["tokens"])
 
     async def close(self):
         await self.sdk.close()

@@ -540,6 +540,17 @@ def test_a_changed_format_redoes_only_its_task_and_changed_sampling_redoes_every
     assert sorted(line["id"] for line in lines) == list(range(8))
 
 
+def test_the_dry_run_reckons_with_the_rate_limits_the_last_run_was_told(tmp_path, fake_openai, capsys):
+    fake_openai.set_rate_limits(rpm=6000, tpm=10_000_000)
+    status, _ = run(tmp_path, fake_openai, [record(i) for i in range(4)])
+    assert status == 0
+    (tmp_path / "next").mkdir()
+    capsys.readouterr()
+    status, _ = run(tmp_path / "next", fake_openai, [record(i) for i in range(8)], "--dry_run")
+    assert status == 0
+    assert "expected time at the rate limits (6,000 requests/min, 10,000,000 tokens/min)" in capsys.readouterr().out
+
+
 def test_the_dry_run_sends_nothing_and_predicts_the_requests_of_the_real_run(tmp_path, fake_openai, capsys):
     records = [record(i) for i in range(10)] + [record(i, "story_generation") for i in range(10, 13)]
     status, _ = run(tmp_path, fake_openai, records[:4])  # 4 of them are then in the cache
