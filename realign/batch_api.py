@@ -51,8 +51,8 @@ import re
 import time
 
 from realign.cli import FatalError, progress_bar
-from realign.client import CHAT, Adapter, Client, merge_replies
-from realign.pool import Stopped, run_pool
+from realign.client import CHAT, Adapter, Client, Refusal, merge_replies
+from realign.pool import Stopped, run_pool, sleep_unless_stopped
 from realign.pricing import Spend, find_price
 from realign.records import InputError, write_json_atomic
 from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
@@ -276,7 +276,7 @@ class BatchAPI:
             logger.warning("%s: %s; retry %d of %d in %.1f s", what, problem, attempt + 1, self.max_retries, delay)
             self.retries += 1
             attempt += 1
-            await sleep(self.stopper, delay)
+            await sleep_unless_stopped(self.stopper, delay)
             if recover is not None:
                 found = await recover()
                 if found is not None:
@@ -356,16 +356,6 @@ def read_bytes(path):
         return f.read()
 
 
-async def sleep(stopper, seconds):
-    """Sleep, waking up at once when a signal (not a budget stop) stops the run."""
-    deadline = time.monotonic() + seconds
-    while not stopper.requests_blocked():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        await asyncio.sleep(min(left, 0.25))
-
-
 def batch_state(batch):
     """What the record keeps of a batch object."""
     counts = batch.request_counts
@@ -414,15 +404,6 @@ class _RequestFile:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
-
-
-class _Refusal:
-    """A batch line's HTTP 400 as the client's Adapter reads a refusal."""
-
-    def __init__(self, status, error):
-        self.status = status
-        self.error = error
-        self.message = str(error.get("message") or f"HTTP {status}")
 
 
 class BatchMode:
@@ -499,7 +480,7 @@ class BatchMode:
                 await self._collect(index)
                 dirty = True
             if not finished:
-                await sleep(self.stopper, self.args.poll_interval)
+                await sleep_unless_stopped(self.stopper, self.args.poll_interval)
 
     async def _resume(self):
         """Carry on with the request files and batches an earlier run recorded."""
@@ -902,7 +883,7 @@ class BatchMode:
             adapter = run.client.adapters[CHAT]
             bodies = adapter.apply(Client.logical_chat(messages, run.sampling))
             adapted = None not in sent and (bodies != sent or adapter.learn(
-                sent[0], _Refusal(status, error), run.sampling.effort_is_default))
+                sent[0], Refusal(status, error), run.sampling.effort_is_default))
             if not adapted:
                 self.record.attempts.pop(base, None)
                 refusal = f"HTTP {status}: {message}"

@@ -33,12 +33,12 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
 from realign.cache import request_key
 from realign.cli import FatalError
 from realign.pacing import Pacer
+from realign.pool import sleep_unless_stopped
 from realign.pricing import CHARS_PER_TOKEN, Budget, Spend, without_date_suffix
 from realign.records import InputError
 from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
@@ -78,8 +78,8 @@ class UnreadableReply(Exception):
     """A 200 reply whose body is not the JSON object expected: a server glitch, retried."""
 
 
-class _Refused(Exception):
-    """HTTP 400/413/422 for one body: maybe a parameter to adapt."""
+class Refusal(Exception):
+    """HTTP 400/413/422 for one body: maybe a parameter to adapt (online, or a batch line's error)."""
 
     def __init__(self, status, error):
         self.status = status
@@ -586,7 +586,7 @@ class Client:
                             self.spend.add_usage(result.get("usage"))
                     raise failure
                 return merge_replies(results)
-            except _Refused as refusal:
+            except Refusal as refusal:
                 if adapter.apply(logical) != bodies:  # adapted meanwhile (another request's refusal)
                     continue
                 if adapter.learn(bodies[0], refusal, sampling.effort_is_default):
@@ -634,7 +634,7 @@ class Client:
             logger.debug("%s: %s, retry %d in %.2fs", path, problem, attempt + 1, delay)
             self.stats["retries"] += 1
             attempt += 1
-            await self._sleep(delay)
+            await sleep_unless_stopped(self.stopper, delay)
 
     def _stopping(self):
         return self.stopper is not None and self.stopper.requests_blocked()
@@ -642,15 +642,6 @@ class Client:
     def _check_stop(self):
         if self.stopper is not None:
             self.stopper.check()
-
-    async def _sleep(self, seconds):
-        """Sleep, but wake up to stop when the run is stopping."""
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stopping():
-                return
-            await asyncio.sleep(min(left, 0.25))
 
     def _status_problem(self, error, headers, sent_at):
         """``(retry_after, description)`` of a transient HTTP error; raises for the others."""
@@ -666,7 +657,7 @@ class Client:
         if status == 429 and code == "insufficient_quota":
             raise FatalError("the API account has no quota left (HTTP 429 insufficient_quota); check its billing") from None
         if status in (400, 413, 422):
-            raise _Refused(status, body)
+            raise Refusal(status, body)
         if not is_transient_status(status):
             raise RequestRejected(status, str(body.get("message") or f"HTTP {status}")) from None
         retry_after = parse_retry_after_ms(headers)

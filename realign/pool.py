@@ -188,6 +188,17 @@ class RefusalPolicy:
             raise FatalError(f"every request was refused ({self.held[0][1]}); {self.hint}")
 
 
+async def sleep_unless_stopped(stopper, seconds):
+    """Sleep, waking up at once when a signal or an error (not a budget stop) stops the run;
+    a plain sleep when there is no ``stopper``."""
+    deadline = time.monotonic() + seconds
+    while stopper is None or not stopper.requests_blocked():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, 0.25))
+
+
 async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
     """Await ``handle(job)`` for each job of the iterable ``jobs``, at most ``concurrency``
     at once, each job taken by exactly one worker.

@@ -19,7 +19,7 @@ from realign.standins import LEGACY, FakeOpenAIServer
 
 import reformat
 from realign.cache import Cache, request_key
-from realign.client import Adapter, Client, Sampling, refused_field, _Refused
+from realign.client import Adapter, Client, Refusal, Sampling, refused_field
 from realign.pacing import Pacer, parse_reset
 from realign.pricing import Budget, BudgetReached, Spend, find_price
 
@@ -65,7 +65,7 @@ def error_line(capsys):
 
 
 def refusal(message, param=None, code=None):
-    return _Refused(400, {"message": message, "type": "invalid_request_error", "param": param, "code": code})
+    return Refusal(400, {"message": message, "type": "invalid_request_error", "param": param, "code": code})
 
 
 def test_the_refused_field_is_found_in_param_or_in_the_message():
