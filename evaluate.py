@@ -895,9 +895,7 @@ def write_text_atomic(path, text):
 
 
 def write_bytes_atomic(path, data):
-    # The atomic writer hands out a text file; nothing is written through its text layer,
-    # so the bytes can go straight to its binary buffer.
-    write_atomic(path, lambda f: f.buffer.write(data))
+    write_atomic(path, lambda f: f.write(data), binary=True)
 
 
 def png_bytes(figure):

@@ -610,12 +610,12 @@ def _write_parquet(path, records):
             spool.seek(0)
 
             def write(f):
-                writer = pq.ParquetWriter(f.buffer, schema if schema is not None else pa.schema([]))
+                writer = pq.ParquetWriter(f, schema if schema is not None else pa.schema([]))
                 for lines in _batched(spool, PARQUET_BATCH_ROWS):
                     writer.write_table(pa.Table.from_pylist([json.loads(line) for line in lines], schema=schema))
                 writer.close()
 
-            write_atomic(path, write)
+            write_atomic(path, write, binary=True)
     except pa.ArrowException as e:
         raise InputError(f"{path}: cannot write Parquet: {str(e).strip().splitlines()[0]}") from None
 
