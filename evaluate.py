@@ -63,7 +63,6 @@ import re
 import sys
 import tempfile
 from collections import Counter, defaultdict, namedtuple
-from itertools import islice
 
 from constant import JUDGE_PROMPTS, TASK_GROUPS
 from realign import (
@@ -87,7 +86,7 @@ from realign.metrics import (
     is_rewritten,
     split_words,
 )
-from realign.records import write_atomic  # the one atomic writer (see write_text_atomic)
+from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
 logger = logging.getLogger("evaluate")
 
@@ -177,12 +176,6 @@ def unpaired_message(left_out, path, other_path):
     shown = ", ".join(f"record {r.index} (id {r.id!r})" for r in left_out[:SHOWN_IDS])
     more = ", ..." if len(left_out) > SHOWN_IDS else ""
     return f"{path}: {len(left_out):,} record(s) whose id is not in {other_path}: {shown}{more}"
-
-
-def batched(iterable, size):
-    iterator = iter(iterable)
-    while batch := list(islice(iterator, size)):
-        yield batch
 
 
 def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_record=None):

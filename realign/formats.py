@@ -69,6 +69,7 @@ from collections import Counter
 
 from realign.records import (
     InputError,
+    batched,
     check_record,
     describe_record,
     iter_json_values,
@@ -587,12 +588,6 @@ def iter_file_records(path):
     return iter_json_values(path)
 
 
-def _batched(values, size):
-    iterator = iter(values)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
 def _write_parquet(path, records):
     """Write ``records`` as Parquet atomically: one pass spools them (JSONL) and learns the
     schema that fits them all, the second writes row groups; memory holds one batch."""
@@ -602,7 +597,7 @@ def _write_parquet(path, records):
     try:
         with tempfile.TemporaryFile("w+", encoding="utf-8", dir=directory, prefix=".spool-") as spool:
             schema = None
-            for batch in _batched(records, PARQUET_BATCH_ROWS):
+            for batch in batched(records, PARQUET_BATCH_ROWS):
                 batch_schema = pa.schema(list(pa.array(batch).type))  # every row's keys (from_pylist: the first's)
                 schema = batch_schema if schema is None else pa.unify_schemas(
                     [schema, batch_schema], promote_options="permissive")
@@ -611,7 +606,7 @@ def _write_parquet(path, records):
 
             def write(f):
                 writer = pq.ParquetWriter(f, schema if schema is not None else pa.schema([]))
-                for lines in _batched(spool, PARQUET_BATCH_ROWS):
+                for lines in batched(spool, PARQUET_BATCH_ROWS):
                     writer.write_table(pa.Table.from_pylist([json.loads(line) for line in lines], schema=schema))
                 writer.close()
 

@@ -28,11 +28,6 @@ def split_words(text):
     return text.split()
 
 
-def word_edit_distance(before_words, after_words):
-    """Word substitutions, deletions and insertions that turn ``before_words`` into ``after_words``."""
-    return Levenshtein.distance(before_words, after_words)
-
-
 def edit_rate_of_words(before_words, after_words):
     """The edit distance of two word lists divided by the longer length; 0 when both are empty."""
     longer = max(len(before_words), len(after_words))

@@ -364,6 +364,13 @@ def _iter_items(path, chunk_size=1 << 20, start=0, end=None, parse_lines=True):
             raise InputError(f"{path}: cannot read: {e}") from None
 
 
+def batched(values, size):
+    """Lists of ``size`` consecutive values (the last one shorter), taken lazily."""
+    iterator = iter(values)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
 def iter_json_values(path, chunk_size=1 << 20):
     """Yield the elements of a JSON list file, or the values of a JSONL file, one at a time.
 
