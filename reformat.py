@@ -91,6 +91,7 @@ from realign import (
     non_negative_int,
     positive_int,
     setup_logging,
+    write_atomic,
     write_json_atomic,
 )
 from realign.cache import open_cache, request_key
@@ -387,19 +388,18 @@ def is_done(line, fp, retry_failed):
 
 def rewrite_batch_file(path, keep_ids):
     """Rewrite the batch file keeping only the last line of each id in ``keep_ids``
-    (temporary file, then rename)."""
+    (atomically: :func:`realign.write_atomic`)."""
     last = {}
     for number, entry in enumerate(iter_progress(path)):
         if isinstance(entry, dict):
             last[entry.get("id")] = number
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
+
+    def write(out):
         for number, entry in enumerate(iter_progress(path)):
             if isinstance(entry, dict) and entry.get("id") in keep_ids and last[entry.get("id")] == number:
                 out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+
+    write_atomic(path, write)
 
 
 # -- the run -------------------------------------------------------------------------
