@@ -442,8 +442,10 @@ class Run:
         ``write_passthrough`` the lines of the records that are not reformatted are written
         on the way."""
         for record in iter_records_range(self.args.input_data_path, start, end, require_response=True):
+            if record["id"] in self.finished:
+                continue
             reason, messages, fp = self.plan(record)
-            if record["id"] in self.finished or is_done(batch_lines.get(record["id"]), fp, self.args.retry_failed):
+            if is_done(batch_lines.get(record["id"]), fp, self.args.retry_failed):
                 continue
             if reason is not None:
                 if write_passthrough:
