@@ -63,6 +63,7 @@ from realign.client import (
     RetriesExhausted,
     Sampling,
     add_client_arguments,
+    client_usage,
     default_reasoning_effort,
     dry_run_limits,
     reply_text,
@@ -714,11 +715,8 @@ def interrupt_main():
 
 def write_usage(args, client, stopper):
     if args.usage_path:
-        write_json_atomic(args.usage_path, {
-            "stage": "classify", "dry_run": False, "requests": client.stats["requests"],
-            "cache_hits": client.stats["cache_hits"], "prompt_tokens": client.spend.prompt_tokens,
-            "completion_tokens": client.spend.completion_tokens,
-            "cost_usd": client.spend.cost if client.spend.priced else None, "stopped": stopper.reason})
+        write_json_atomic(args.usage_path, {"stage": "classify", "dry_run": False, **client_usage(client),
+                                            "stopped": stopper.reason})
 
 
 def run_backend(args, jobs, names, save_results, stats, stopper, price):

@@ -104,6 +104,7 @@ from realign.client import (
     RetriesExhausted,
     Sampling,
     add_client_arguments,
+    client_usage,
     default_reasoning_effort,
     dry_run_limits,
     optional_float,
@@ -793,13 +794,7 @@ def write_usage(args, run, report=None):
     if report is not None:
         data = report
     else:
-        client = run.client
-        data = {"stage": "reformat", "dry_run": False, "records": dict(run.stats),
-                "requests": client.stats["requests"] if client else 0,
-                "cache_hits": client.stats["cache_hits"] if client else 0,
-                "prompt_tokens": client.spend.prompt_tokens if client else 0,
-                "completion_tokens": client.spend.completion_tokens if client else 0,
-                "cost_usd": client.spend.cost if client and client.spend.priced else None,
+        data = {"stage": "reformat", "dry_run": False, "records": dict(run.stats), **client_usage(run.client),
                 "stopped": run.stopper.reason}
         if run.batch is not None:
             data.update(run.batch.usage())

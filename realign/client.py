@@ -231,6 +231,15 @@ def default_reasoning_effort(model, given):
     return lowest, lowest is not None
 
 
+def client_usage(client):
+    """The client's part of a stage's ``--usage_path`` file (zeros when no client was made)."""
+    if client is None:
+        return {"requests": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None}
+    return {"requests": client.stats["requests"], "cache_hits": client.stats["cache_hits"],
+            "prompt_tokens": client.spend.prompt_tokens, "completion_tokens": client.spend.completion_tokens,
+            "cost_usd": client.spend.cost if client.spend.priced else None}
+
+
 def limits_key(base_url, model):
     """Under which name the cache remembers the rate limits a server reported for a model."""
     return f"{(base_url or OPENAI_BASE_URL).rstrip('/')} {model}"
