@@ -355,18 +355,26 @@ def main(argv=None) -> int:
         cache = open_cache(args, write=False)
         return dry_run(args, paths, wanted, keys, cache, price)
     evidence, refused, _ = read_finished(paths["progress"], keys)
-    if any(record_id not in evidence and (record_id not in refused or args.retry_failed) for record_id in wanted) \
-            and not os.environ.get("SERPER_API_KEY", "").strip():  # before anything is written
-        raise ConfigError("SERPER_API_KEY is not set: export your Serper API key (https://serper.dev) "
-                          "to search the queries of the records of RAG_TASKS")
+    to_search = sum(record_id not in evidence and (record_id not in refused or args.retry_failed)
+                    for record_id in wanted)
+    api_key = serper_api_key(to_search) if to_search else None  # before anything is written
     if args.cache:  # an unusable cache stops here, before anything is written
         open_cache(args).close()
     with OutputLock(paths["progress"]):
         cache = open_cache(args)
-        return search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn)
+        return search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn, api_key)
 
 
-def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn):
+def serper_api_key(queries):
+    """``$SERPER_API_KEY``; a ConfigError when it is not set and ``queries`` are to be searched."""
+    api_key = os.environ.get("SERPER_API_KEY", "").strip()
+    if not api_key:
+        raise ConfigError("SERPER_API_KEY is not set: export your Serper API key (https://serper.dev) "
+                          f"to search {queries} queries of the records of RAG_TASKS")
+    return api_key
+
+
+def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn, api_key):
     evidence, refused, stale = read_finished(paths["progress"], keys)
     if args.retry_failed and refused:
         logger.info("--retry_failed: searching again %d queries the server refused before", len(refused))
@@ -387,10 +395,7 @@ def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn)
     budget = Budget(args.max_cost, spend)
     stopper = Stopper()
     if pending:
-        api_key = os.environ.get("SERPER_API_KEY", "").strip()
-        if not api_key:
-            raise ConfigError("SERPER_API_KEY is not set: export your Serper API key (https://serper.dev) "
-                              f"to search {len(pending)} queries")
+        api_key = api_key or serper_api_key(len(pending))
         with stopper.signals_handled():
             found, failed, newly_refused = run_searches(pending, keys, args, api_key, paths["progress"], stats,
                                                         cache, spend, budget, price, stopper)
