@@ -71,7 +71,7 @@ from realign.client import (
     resolve_base_url,
 )
 from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
-from realign.pricing import BudgetReached, DryRunReport, find_price
+from realign.pricing import BudgetReached, DryRunReport, price_of_run
 
 logger = logging.getLogger("classify")
 
@@ -739,11 +739,7 @@ def main(argv=None) -> int:
     refuse_overwriting_input(args.input_data_path, args.output_path)
 
     key_model = f"openai_chat:{args.model}" if args.backend == "openai_chat" else args.model
-    price = find_price(args.model, "flex" if args.service_tier == "flex" else "online", args.price_input,
-                       args.price_output, args.price_cached_input) if args.backend in API_BACKENDS else None
-    if args.max_cost is not None and price is None:
-        raise InputError(f"--max_cost needs a price for {args.model!r}, which constant.MODEL_PRICES does not list: "
-                         "pass --price_input and --price_output (USD per million tokens)")
+    price = price_of_run(args, args.model) if args.backend in API_BACKENDS else None
     if args.eval:
         items = load_eval_items(args.input_data_path)
         total = len(items)

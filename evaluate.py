@@ -487,17 +487,13 @@ def make_judge_ask(args):
         reply_text,
     )
     from realign.pool import Stopped
-    from realign.pricing import BudgetReached, DryRunReport, find_price
+    from realign.pricing import BudgetReached, DryRunReport, price_of_run
 
     effort, is_default = default_reasoning_effort(args.judge_model, args.reasoning_effort)
     sampling = Sampling(model=args.judge_model, n=1, temperature=0.0, max_output_tokens=JUDGE_MAX_TOKENS,
                         reasoning_effort=effort, service_tier=args.service_tier,
                         extra_body=dict(args.extra_body or {}), effort_is_default=is_default)
-    price = find_price(args.judge_model, "flex" if args.service_tier == "flex" else "online", args.price_input,
-                       args.price_output, args.price_cached_input)
-    if args.max_cost is not None and price is None:
-        raise InputError(f"--max_cost needs a price for {args.judge_model!r}, which constant.MODEL_PRICES does not "
-                         "list: pass --price_input and --price_output (USD per million tokens)")
+    price = price_of_run(args, args.judge_model)
     cache = None
     if args.cache:
         from realign.cache import Cache

@@ -112,7 +112,7 @@ from realign.client import (
     resolve_base_url,
 )
 from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
-from realign.pricing import CHARS_PER_TOKEN, BudgetReached, DryRunReport, find_price
+from realign.pricing import CHARS_PER_TOKEN, BudgetReached, DryRunReport, price_of_run
 
 logger = logging.getLogger("reformat")
 
@@ -625,12 +625,6 @@ def make_sampling(args):
                     effort_is_default=is_default)
 
 
-def price_tier(args):
-    if args.batch_api:
-        return "batch"
-    return "flex" if args.service_tier == "flex" else "online"
-
-
 def scan_chunk(args, run, start, end, dry=None, batch_lines=None, batches=None):
     """The first pass over the chunk, before anything is written or sent: validate every
     record and note each one's fingerprint (``{id: (fingerprint, pass-through reason)}``);
@@ -694,10 +688,7 @@ def main(argv=None) -> int:
         return asyncio.run(batch_api.cancel(args, resolve_api_key(args.openai_key, args.base_url), path))
     total = count_records(args.input_data_path)
     start, end = chunk_bounds(total, batch_num, batch_id)
-    price = find_price(args.model, price_tier(args), args.price_input, args.price_output, args.price_cached_input)
-    if args.max_cost is not None and price is None:
-        raise InputError(f"--max_cost needs a price for {args.model!r}, which constant.MODEL_PRICES does not list: "
-                         "pass --price_input and --price_output (USD per million tokens)")
+    price = price_of_run(args, args.model, batch=args.batch_api)
     if args.dry_run:
         return dry_run(args, sampling, path, total, start, end, price)
     api_key = resolve_api_key(args.openai_key, args.base_url)

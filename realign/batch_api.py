@@ -53,7 +53,7 @@ import time
 from realign.cli import FatalError, progress_bar
 from realign.client import CHAT, Adapter, Client, Refusal, merge_replies
 from realign.pool import Stopped, run_pool, sleep_unless_stopped
-from realign.pricing import Spend, find_price
+from realign.pricing import Spend, price_of_run
 from realign.records import InputError, write_json_atomic
 from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
 
@@ -416,8 +416,7 @@ class BatchMode:
         self.batch_lines = batch_lines
         self.api_key = api_key
         self.price = price  # the batch price, or None
-        tier = "flex" if args.service_tier == "flex" else "online"
-        self.online_price = find_price(args.model, tier, args.price_input, args.price_output, args.price_cached_input)
+        self.online_price = price_of_run(args, args.model)
         self.spend = Spend(price)  # what the batch lines used
         self.chunk = f"{args.dataset_batch_id}_of_{args.dataset_batch_num}"
         self.record = BatchRecord(record_path(args.output_directory, args.dataset_batch_id, args.dataset_batch_num),

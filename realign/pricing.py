@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 import constant
+from realign.records import InputError
 
 PER_MILLION = 1_000_000
 CHARS_PER_TOKEN = 4.0  # the usual estimate for English text, where no tokenizer counts
@@ -75,6 +76,18 @@ def find_price(model, tier="online", price_input=None, price_output=None, price_
         source = f"constant.MODEL_PRICES, {constant.PRICES_AS_OF}, {tier} price of {model}"
     return Price(chosen["input"] / PER_MILLION, chosen["cached_input"] / PER_MILLION,
                  chosen["output"] / PER_MILLION, source)
+
+
+def price_of_run(args, model, batch=False):
+    """The :class:`Price` a run's flags ask for: the Batch API's when ``batch``, Flex's with
+    ``--service_tier flex``, else the online one, with the ``--price_*`` flags; None when unknown.
+    With ``--max_cost`` an unknown price is a usage error (:class:`InputError`)."""
+    tier = "batch" if batch else "flex" if args.service_tier == "flex" else "online"
+    price = find_price(model, tier, args.price_input, args.price_output, args.price_cached_input)
+    if getattr(args, "max_cost", None) is not None and price is None:
+        raise InputError(f"--max_cost needs a price for {model!r}, which constant.MODEL_PRICES does not list: "
+                         "pass --price_input and --price_output (USD per million tokens)")
+    return price
 
 
 def usage_tokens(usage):

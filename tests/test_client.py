@@ -21,7 +21,8 @@ import reformat
 from realign.cache import Cache, request_key
 from realign.client import Adapter, Client, Refusal, Sampling, refused_field
 from realign.pacing import Pacer, parse_reset
-from realign.pricing import Budget, BudgetReached, Spend, find_price
+from realign.pricing import Budget, BudgetReached, Spend, find_price, price_of_run
+from realign.records import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-client-test-secret-31"
@@ -352,6 +353,23 @@ def test_an_unusable_reply_is_not_cached_so_a_re_ask_sends_again(fake_openai):
 
 
 # -- prices and the cap ----------------------------------------------------------------------
+
+
+def test_the_price_of_a_run_follows_its_tier_and_a_cap_without_a_price_is_a_usage_error():
+    import argparse
+
+    def flags(**given):
+        values = {"service_tier": None, "price_input": None, "price_output": None, "price_cached_input": None,
+                  "max_cost": None}
+        return argparse.Namespace(**{**values, **given})
+
+    assert price_of_run(flags(), "gpt-6-luna").input * 1e6 == pytest.approx(0.10)
+    assert price_of_run(flags(service_tier="flex"), "gpt-6-luna").input * 1e6 == pytest.approx(0.05)
+    assert price_of_run(flags(), "gpt-6-luna", batch=True).output * 1e6 == pytest.approx(0.25)
+    assert price_of_run(flags(), "my-local-model") is None  # no cap: an unknown price is only unknown
+    with pytest.raises(InputError, match=r"--max_cost needs a price for 'my-local-model'.*--price_input"):
+        price_of_run(flags(max_cost=1.0), "my-local-model")
+    assert price_of_run(flags(max_cost=1.0, price_input=2, price_output=4), "my-local-model").output * 1e6 == 4
 
 
 def test_prices_come_from_the_table_or_the_flags():
