@@ -68,7 +68,6 @@ from constant import JUDGE_PROMPTS, TASK_GROUPS
 from realign import (
     FatalError,
     InputError,
-    LengthCounter,
     check_constants,
     exits_cleanly,
     iter_records,
@@ -86,6 +85,7 @@ from realign.metrics import (
     is_rewritten,
     split_words,
 )
+from realign.lengths import load_length_counter
 from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
 logger = logging.getLogger("evaluate")
@@ -964,14 +964,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_counter(tokenizer_path):
-    try:
-        return LengthCounter(tokenizer_path)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{tokenizer_path}: cannot load the tokenizer: {first_line}") from None
-
-
 def load_references(path):
     """``{id: reference answer}``: items[1].value of each record of ``path``."""
     return {record["id"]: record["items"][1]["value"] for record in iter_records(path, require_response=True)}
@@ -1035,7 +1027,7 @@ def main(argv=None) -> int:
     if args.reference_path and "factuality" not in args.judge:
         logger.info("--reference_path is only read by --judge factuality; ignoring it")
     ask = make_judge_ask(args) if args.judge else None
-    count_lengths = load_counter(args.tokenizer_path) if args.tokenizer_path else None
+    count_lengths = load_length_counter(args.tokenizer_path) if args.tokenizer_path else None
     references = load_references(args.reference_path) if "factuality" in args.judge else {}
     samplers = {judge: Sampler(args.judge_sample, args.seed) for judge in args.judge}
     # The per-record entries wait in an anonymous temporary file (next to the output when its

@@ -39,13 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from realign import (
     InputError,
-    LengthCounter,
     exits_cleanly,
     iter_records,
     refuse_overwriting_input,
     setup_logging,
     write_json_list_atomic,
 )
+from realign.lengths import load_length_counter
 
 logger = logging.getLogger("rewrite_data_selection")
 
@@ -370,11 +370,7 @@ def main(argv=None) -> int:
     rules = PRESETS[args.rules]
     count_lengths, unit = None, "words"
     if "length" in rules:
-        try:
-            count_lengths = LengthCounter(args.tokenizer_path)
-        except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"{args.tokenizer_path}: cannot load the tokenizer: {first_line}") from None
+        count_lengths = load_length_counter(args.tokenizer_path)
         unit = count_lengths.unit
     elif args.tokenizer_path:
         logger.info("the %s preset has no length rule: --tokenizer_path is not used", args.rules)

@@ -51,3 +51,14 @@ class LengthCounter:
             encoded = self._tokenizer(batch, add_special_tokens=False)["input_ids"]
             counts.extend(len(ids) for ids in encoded)
         return counts
+
+
+def load_length_counter(tokenizer_path):
+    """A :class:`LengthCounter`, or one clear line (InputError) when the tokenizer cannot be loaded."""
+    from realign.records import InputError
+
+    try:
+        return LengthCounter(tokenizer_path)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{tokenizer_path}: cannot load the tokenizer: {first_line}") from None

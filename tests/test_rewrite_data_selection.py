@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import rewrite_data_selection as sel
+from realign import LengthCounter
 
 LONG = "Paris is the capital of France and its largest city by far."  # 12 words
 
@@ -15,7 +16,7 @@ def judge(rules, original, rewrite, question="What is it?", category="open_qa"):
     """(keep, rule) with lengths counted in words, as main does without a tokenizer."""
     record = {"id": 1, "items": [{"from": "human", "value": question, "category": category},
                                  {"from": "gpt", "value": original}]}
-    return sel.judge_batch([(record, rewrite)], rules, 0.5, sel.LengthCounter())[0]
+    return sel.judge_batch([(record, rewrite)], rules, 0.5, LengthCounter())[0]
 
 
 # -- single rules -------------------------------------------------------------------------
@@ -320,7 +321,7 @@ def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tiny_tokenizer_dir, caplog
 def test_batched_lengths_match_one_call_per_record(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    counter = sel.LengthCounter(tiny_tokenizer_dir)
+    counter = LengthCounter(tiny_tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     texts = [LONG, "B", "", CODE, "zqzq " * 50]
     assert counter(texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
