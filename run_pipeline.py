@@ -102,7 +102,6 @@ class Runner:
         self.env = env
         self.children = []
         self.stopping = None
-        self.signals = 0
 
     def start(self, script, args, log_name, capture=False):
         self.check_stopped()  # a signal between two stages: do not start the next one
@@ -136,7 +135,6 @@ class Runner:
         """Pass a stop signal on to every child (once per signal received here); with no
         stage running (converting the input, between stages) stop at once."""
         self.stopping = signum
-        self.signals += 1
         running = [child for child in self.children if child.poll() is None]
         for child in running:
             child.send_signal(signum)
@@ -241,11 +239,10 @@ def run_reformat(args, runner, input_path, out, budget):
             raise StageFailed("stage 'reformat' (dry run) failed: batch ids " + "; ".join(failed))
         return rewrite_dir, False
 
-    total = count_records(input_path)
     crashed, with_failed_records = [], []
-    for batch_id, code, _, log_path in results:
-        if code == 0:
-            continue
+    unsuccessful = [(batch_id, code, log_path) for batch_id, code, _, log_path in results if code]
+    total = count_records(input_path) if unsuccessful else 0  # a 1M-record input is not read again for nothing
+    for batch_id, code, log_path in unsuccessful:
         batch_file = os.path.join(rewrite_dir, f"rewrite_data_{batch_id}_of_{args.num_processes}_batch.jsonl")
         missing = missing_batch_ids(input_path, total, batch_file, args.num_processes, batch_id)
         if missing:
