@@ -28,10 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-client-test-secret-31"
 
 
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+pytestmark = pytest.mark.usefixtures("api_env")  # no ambient OpenAI or Slurm variables; OPENAI_API_KEY=KEY
 
 
 def record(i, category="open_qa"):

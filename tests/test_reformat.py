@@ -25,15 +25,6 @@ KEY = "sk-test-5ecret-key-0042"
 pytestmark = pytest.mark.usefixtures("api_env")  # no ambient OpenAI or Slurm variables; OPENAI_API_KEY=KEY
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory):
-    from tiny_model import build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    build_tiny_tokenizer(str(path))
-    return str(path)
-
-
 def record(record_id, category="open_qa", question=None, response="Paris is the capital of France.", **human):
     question = question or f"Question number {record_id}?"
     return {"id": record_id, "items": [{"from": "human", "value": question, "category": category, **human},
