@@ -206,6 +206,8 @@ def test_an_expired_batch_keeps_its_completed_lines_and_sends_only_the_rest(tmp_
 def test_a_batch_refused_for_the_enqueued_token_limit_waits_for_the_running_ones(tmp_path, fake_openai):
     fake_openai.batch_token_limit = 1300  # a line's prompt is about 200 tokens: two batches of 3 fit, not three
     fake_openai.batch_seconds_per_line = 0.1
+    t0 = time.time()  # the server's clock stands still until the third batch exists: however slow the
+    fake_openai.clock = lambda: t0 if len(fake_openai.batches) < 3 else time.time()  # machine, 1 and 2 still run
     status, lines = run(tmp_path, fake_openai, [record(i) for i in range(10)], *FAST, "--batch_max_requests", "3")
     assert status == 0 and sorted(lines) == list(range(10)) and all("status" not in line for line in lines.values())
     batches = list(fake_openai.batches.values())

@@ -15,7 +15,7 @@ import threading
 import openai
 import pytest
 import requests
-from realign.standins import REASONING, Profile, openai_duration, spawn, stop_spawned
+from realign.standins import REASONING, Profile, default_chat_reply, openai_duration, spawn, stop_spawned
 
 import constant
 
@@ -129,7 +129,13 @@ def test_unknown_model_gives_404(fake_openai):
 
 
 def test_64_concurrent_requests_all_succeed(fake_openai):
-    fake_openai.latency = 2.0  # long enough for all requests to be in flight at once, even on a loaded machine
+    gate = threading.Barrier(64, timeout=30)  # no reply before all 64 requests are in flight
+
+    def responder(body, choice_index):
+        gate.wait()
+        return default_chat_reply(body, choice_index)
+
+    fake_openai.chat_responder = responder
     barrier = threading.Barrier(64)
     statuses = []
 
@@ -137,7 +143,7 @@ def test_64_concurrent_requests_all_succeed(fake_openai):
         barrier.wait()
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
         statuses.append(requests.post(fake_openai.url + "/chat/completions", json=body,
-                                      timeout=10).status_code)
+                                      timeout=60).status_code)
 
     threads = [threading.Thread(target=one_request) for _ in range(64)]
     for thread in threads:

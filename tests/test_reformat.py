@@ -8,10 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from realign.standins import MALFORMED_REPLY, REASONING, FakeOpenAIServer
+from realign.standins import MALFORMED_REPLY, REASONING, FakeOpenAIServer, default_chat_reply
 
 import constant
 import reformat
@@ -624,14 +625,25 @@ def test_a_second_process_on_the_same_batch_file_refuses_at_once(tmp_path):
     input_path = tmp_path / "input.json"
     input_path.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / "out"
-    with FakeOpenAIServer(latency=0.2) as server:
+    gate = threading.Event()  # the first process finishes record 0, then waits until the second has tried
+
+    def responder(body, choice_index):
+        if "Question number 0?" not in user_text_of(body):
+            gate.wait(60)
+        return default_chat_reply(body, choice_index)
+
+    with FakeOpenAIServer() as server:
+        server.chat_responder = responder
         command = [sys.executable, os.path.join(ROOT, "reformat.py"), "--input_data_path", str(input_path),
                    "--output_directory", str(out), "--base_url", server.url, "--concurrency", "2"]
         first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not read_batch(out / "rewrite_data_0_of_1_batch.jsonl") and time.monotonic() < deadline:
             time.sleep(0.05)
-        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        try:
+            second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            gate.set()
         _, first_err = first.communicate(timeout=60)
     assert second.returncode == 2
     (error,) = [line for line in second.stderr.splitlines() if line.startswith("reformat.py: error:")]
