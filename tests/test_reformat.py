@@ -65,8 +65,8 @@ def error_lines(err):
     return [line for line in err.splitlines() if line.startswith("reformat: error:")]
 
 
-def user_text(request):
-    return request.body["messages"][-1]["content"]
+def user_text_of(body):
+    return body["messages"][-1]["content"]
 
 
 def chats(server):
@@ -245,7 +245,7 @@ def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
                record(3, "email_generation", question="Write an email?")]
     status, _ = run(tmp_path, fake_openai, records)
     assert status == 0
-    sent = {user_text(r).split("\n")[1]: r.body for r in chats(fake_openai)}
+    sent = {user_text_of(r.body).split("\n")[1]: r.body for r in chats(fake_openai)}
     assert "1. Fact one.\n\n2. Fact two." in sent["With evidence?"]["messages"][1]["content"]
     assert "[Evidence start]" not in sent["Without evidence?"]["messages"][1]["content"]
     assert constant.STRUCTURE["email_generation"].strip() in sent["Write an email?"]["messages"][1]["content"]
@@ -260,7 +260,7 @@ def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
     assert len(chats(fake_openai)) == 3
     for request in chats(fake_openai):
         assert request.body["messages"][0]["content"] == constant.REFORMAT_PROMPTS["forced"]["plain"]["system"].strip()
-        assert "[Evidence start]" not in user_text(request)
+        assert "[Evidence start]" not in user_text_of(request.body)
 
 
 def test_the_longest_usable_candidate_is_kept(tmp_path, fake_openai):
@@ -287,10 +287,6 @@ def test_the_longest_usable_candidate_is_kept(tmp_path, fake_openai):
     assert len(chats(fake_openai)) == 4  # one good candidate is enough: no re-ask
 
 
-def user_text_of(body):
-    return body["messages"][-1]["content"]
-
-
 def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fake_openai, caplog):
     fake_openai.add_fault(kind="truncated", match=lambda body: "Cut?" in user_text_of(body))
     fake_openai.add_fault(kind="malformed", times=None, match=lambda body: "Bad?" in user_text_of(body))
@@ -307,7 +303,7 @@ def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fa
                                                    "revised_response": records[1]["items"][1]["value"]}
     assert bad["items"][1]["revised_response_list"] == []
     assert bad["items"][1]["value"] == records[1]["items"][1]["value"]
-    assert sum("Bad?" in user_text(r) for r in chats(fake_openai)) == 3
+    assert sum("Bad?" in user_text_of(r.body) for r in chats(fake_openai)) == 3
     assert len(chats(fake_openai)) == 2 + 3 + 1
     assert "failed: 1" in caplog.text and "--retry_failed" in caplog.text
 
@@ -320,7 +316,7 @@ def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fa
     fake_openai._faults.clear()
     status, retried = run(tmp_path, fake_openai, records, "--retry_failed")
     assert status == 0
-    assert [("Bad?" in user_text(r)) for r in chats(fake_openai)] == [True]
+    assert [("Bad?" in user_text_of(r.body)) for r in chats(fake_openai)] == [True]
     retried = by_id(retried)
     assert set(retried) == {1, 2, 3} and not any("status" in line for line in retried.values())
     assert retried[1] == lines[1] and retried[3] == lines[3]
@@ -464,7 +460,7 @@ def test_resume_never_asks_again_for_a_finished_id(tmp_path, fake_openai):
     fake_openai.requests.clear()
     status, second = run(tmp_path, fake_openai, records, "--concurrency", "4", "--no-cache")
     assert status == 0
-    asked = {int(user_text(r).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai)}
+    asked = {int(user_text_of(r.body).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai)}
     assert asked == {r["id"] for r in records} - done
     assert len(chats(fake_openai)) == len(asked) == 18
     assert set(by_id(second)) == {r["id"] for r in records}
@@ -512,7 +508,7 @@ def test_a_changed_format_redoes_only_its_task_and_changed_sampling_redoes_every
                            str(tmp_path / "input.json"), "--output_directory", str(tmp_path / "out"),
                            "--base_url", fake_openai.url], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    asked = sorted(int(user_text(r).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai))
+    asked = sorted(int(user_text_of(r.body).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai))
     assert asked == [0, 1, 2, 3]  # only the open_qa records, whose format changed
     assert "4 lines were made with other settings" in done.stderr
     lines = read_batch(tmp_path / "out" / "rewrite_data_0_of_1_batch.jsonl")
