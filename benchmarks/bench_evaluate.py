@@ -20,7 +20,6 @@ the machine, so measure on a quiet one.
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import constant
-from realign import iter_records, write_json_list_atomic
+from realign import write_json_lists_atomic
 from realign.metrics import edit_rate_of_words, split_words
 
 WORDS = ["the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from",
@@ -99,16 +98,7 @@ def synthetic_pairs(n):
 def write_inputs(directory, n):
     original_path = os.path.join(directory, "original.json")
     final_path = os.path.join(directory, "final.json")
-    finals_path = os.path.join(directory, "final.jsonl.tmp")
-    with open(finals_path, "w", encoding="utf-8") as finals:
-        def originals():
-            for original, final in synthetic_pairs(n):
-                finals.write(json.dumps(final, ensure_ascii=False) + "\n")
-                yield original
-
-        write_json_list_atomic(original_path, originals())
-    write_json_list_atomic(final_path, iter_records(finals_path))
-    os.unlink(finals_path)
+    write_json_lists_atomic([original_path, final_path], synthetic_pairs(n))
     return original_path, final_path
 
 
