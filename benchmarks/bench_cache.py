@@ -46,16 +46,15 @@ def fake_reply(body):
 def fill_cache(cache_dir, records, base_url):
     import reformat
     from realign.cache import Cache
-    from realign.client import Client
+    from realign.client import CHAT, Client
 
     args = reformat.parse_args(["--input_data_path", "x", "--output_directory", "y", "--base_url", base_url])
     sampling = reformat.make_sampling(args)
-    client_key = Client.key_of
     with Cache(cache_dir) as cache:
         for record in records:
             messages = reformat.build_rewrite_messages(record)
             logical = Client.logical_chat(messages, sampling)
-            cache.put(client_key(args.base_url, "/chat/completions", logical),
+            cache.put(Client.key_of(args.base_url, CHAT, logical),
                       fake_reply({"messages": messages, "model": sampling.model, "n": sampling.n}))
     return sampling
 
@@ -67,13 +66,10 @@ def time_hits(cache_dir, records, base_url, sampling, hits):
 
     messages = [reformat.build_rewrite_messages(record) for record in records[:hits]]
 
-    def usable(reply):
-        return bool(reformat.usable_candidates(reformat.reply_choices(reply))[0])
-
     async def ask_all(client):
         start = time.process_time()
         for m in messages:
-            answer = await client.chat(m, sampling, accept=usable)
+            answer = await client.chat(m, sampling, accept=reformat.is_usable)
             assert answer.cached
         return time.process_time() - start
 
@@ -116,7 +112,7 @@ def main(argv=None):
         if done.returncode != 0:
             raise SystemExit(f"reformat.py exited {done.returncode}:\n{done.stderr[-3000:]}")
         summary = [line for line in done.stderr.splitlines() if "#chunk:" in line][-1]
-        chat_requests = stats.get("requests", 0) - 1  # less the model check
+        chat_requests = stats["main_requests"]  # not the model check
         print(f"rerun of {len(records):,} cached records into a fresh folder: {elapsed:.1f} s end to end, "
               f"{chat_requests} chat requests sent", flush=True)
         print("  " + summary.split("reformat: ", 1)[-1])

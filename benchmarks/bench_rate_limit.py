@@ -79,7 +79,7 @@ def run_case(name, records, processes, rpm, tpm, latency, concurrency, target_le
     # The request phase only: from the first request to the last reply, as the summary lines say.
     phases = [float(m.group(1)) for err in errors for m in [re.search(r", ([\d.]+) s \([\d.]+ records/s\)", err)]
               if m]
-    requests = stats.get("requests", 0) - processes  # less the model check of each process
+    requests = stats["main_requests"]  # the completion requests: not the model checks
     refused = sum((stats.get("rate_limited") or {}).values())
     ideal = max(len(records) / (rpm / 60.0) if rpm else 0.0,
                 token_cost(records, 2, target_length) / (tpm / 60.0) if tpm else 0.0)

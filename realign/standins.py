@@ -204,8 +204,8 @@ class _FakeServer:
 
     def stats(self):
         """Counts for a benchmark's summary line."""
-        return {"requests": self.request_count, "faults": dict(self.fault_counts),
-                "max_in_flight": self.max_in_flight}
+        return {"requests": self.request_count, "main_requests": len(self.requests_to()),
+                "faults": dict(self.fault_counts), "max_in_flight": self.max_in_flight}
 
     # -- faults ------------------------------------------------------------------
 

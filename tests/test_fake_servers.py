@@ -655,4 +655,4 @@ def test_spawned_openai_server_takes_limits_profile_and_models():
     assert [(r.status_code, r.json()["error"]["param"]) for r in replies] == [
         (400, "max_tokens"), (400, "n"), (429, None)]
     assert replies[0].headers["x-ratelimit-limit-requests"] == "2"
-    assert (stats["requests"], stats["rate_limited"]) == (4, {"requests": 1})
+    assert (stats["requests"], stats["main_requests"], stats["rate_limited"]) == (4, 3, {"requests": 1})
