@@ -69,7 +69,7 @@ def run_openai(workdir, name, n, port, concurrency):
                "--base_url", f"http://127.0.0.1:{port}/v1", "--concurrency", str(concurrency),
                "--input_data_path", source, "--output_path", os.path.join(workdir, f"{name}_out.json"), "--no-cache"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, env={**os.environ, "OPENAI_API_KEY": "bench-key", "TQDM_MININTERVAL": "1"},
+    done = subprocess.run(command, env={**os.environ, "OPENAI_API_KEY": "bench-key"},
                           capture_output=True, text=True, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     rate, requests = RATE_RE.search(done.stderr), REQUESTS_RE.search(done.stderr)

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_memory_")
     os.makedirs(workdir, exist_ok=True)
     env = {**os.environ, "OPENAI_API_KEY": "bench-key", "SERPER_API_KEY": "bench-key",
-           "TQDM_MININTERVAL": "10", "PYTHONPATH": ROOT, "REALIGN_CACHE_DIR": os.path.join(workdir, "cache")}
+           "PYTHONPATH": ROOT, "REALIGN_CACHE_DIR": os.path.join(workdir, "cache")}
     try:
         started = time.perf_counter()
         tiny_input, tiny_output = write_input(workdir, "tiny", BASELINE_RECORDS)

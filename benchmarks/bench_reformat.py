@@ -77,7 +77,7 @@ def run_reformat(workdir, name, records, port, concurrency, tokenizer_path):
                "--base_url", f"http://127.0.0.1:{port}/v1", "--no-cache"]
     if tokenizer_path:
         command += ["--tokenizer_path", tokenizer_path]
-    env = {**os.environ, "OPENAI_API_KEY": "bench-key", "TQDM_MININTERVAL": "1"}
+    env = {**os.environ, "OPENAI_API_KEY": "bench-key"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
