@@ -22,7 +22,6 @@ the machine, so measure on a quiet one.
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +29,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from synthetic import POOL, WORDS, mib, run_measured
+
 import constant
 from realign import write_json_lists_atomic
 from realign.metrics import edit_rate_of_words, split_words
 
-WORDS = ["the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from",
-         "this", "be", "are", "or", "an", "it", "which", "have", "has", "one", "answer", "question", "format",
-         "river", "mountain", "city", "function", "value", "result", "step", "list", "table", "plan", "data",
-         "explain", "because", "therefore", "first", "second", "finally", "example", "number"]
 TASKS = list(constant.TASK_DESCRIPTION)
-POOL = 4099  # distinct responses; records combine them with their id
 REASONS = ("unchanged", "length", "code", "single_letter")
 
 
@@ -102,18 +98,6 @@ def write_inputs(directory, n):
     return original_path, final_path
 
 
-def run_measured(command):
-    """Run ``command``; return (wall seconds, peak RSS in bytes, stderr's last line)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{stderr}")
-    return elapsed, usage.ru_maxrss * 1024, stderr.strip().splitlines()[-1]
-
-
 def quadratic_word_distance(a, b):
     """The hand-written dynamic programme the library replaces (for scale only)."""
     previous = list(range(len(b) + 1))
@@ -137,10 +121,6 @@ def time_distances(n_pairs, n_quadratic):
         quadratic_word_distance(before, after)
     quadratic = (time.perf_counter() - start) / max(len(changed), 1)
     return library, quadratic, sum(1 for b, a in pairs if b != a) / len(pairs)
-
-
-def mib(size):
-    return f"{size / 2**20:,.0f} MiB"
 
 
 def main(argv=None):

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,12 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from synthetic import POOL, WORDS, mib, run_measured
+
 from realign import chunk_bounds, iter_records, write_json_list_atomic
 
-WORDS = ["the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "this", "be", "are", "or", "an", "it", "which", "have", "has", "one", "answer", "question", "format", "river", "mountain", "city", "function", "value", "result", "step", "list", "table", "plan", "data", "explain", "because", "therefore", "first", "second", "finally", "example", "number"]
 CATEGORIES = ("open_qa", "planning", "default", "exam_problem_solving_tutor", "general_classification",
               "how_to_generation", "explain_code", "roleplay", "math_puzzles", "closed_qa")
-POOL = 4099  # distinct texts per kind; records combine them with their id
 
 
 def make_pool(rng_seed, low, high):
@@ -112,19 +111,6 @@ def write_inputs(directory, n, batch_num):
     return input_path, batch_dir
 
 
-def run_measured(command):
-    """Run ``command``; return (wall seconds, peak RSS in bytes, stderr's last lines)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.perf_counter() - start
-    if process.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr}")
-    return elapsed, usage.ru_maxrss * 1024, stderr.strip().splitlines()[-1]
-
-
 def first_records(path, n, out_path):
     """Write the first ``n`` records of ``path`` to ``out_path``."""
     def records():
@@ -187,10 +173,6 @@ def count_batched(tokenizer_dir, original_path, merged_path):
         chunk = pairs[at:at + 4096]
         counter([o for o, _ in chunk] + [r for _, r in chunk])
     return time.perf_counter() - start
-
-
-def mib(size):
-    return f"{size / 2**20:,.0f} MiB"
 
 
 def report(name, seconds, peak, input_size, last_line):
