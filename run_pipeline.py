@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 
+from classify import API_BACKENDS, BACKENDS
 from constant import DEFAULT_MODEL
 from realign import (
     FatalError,
@@ -51,6 +52,7 @@ from realign import (
     setup_logging,
 )
 from realign.client import REASONING_EFFORTS, SERVICE_TIERS, json_object, optional_float
+from realign.formats import FORMATS
 
 logger = logging.getLogger("run_pipeline")
 
@@ -59,8 +61,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEMO_INPUT = os.path.join(HERE, "datasets", "examples", "realign_examples.json")
 DEMO_OUTPUT = os.path.join("outputs", "demo")
 DEMO_KEY = "demo-key-not-a-secret"  # the stand-ins check it; nothing real is ever sent
-INPUT_FORMATS = ("auto", "realign", "alpaca", "sharegpt", "messages")
-OUTPUT_FORMATS = ("realign", "alpaca", "sharegpt", "messages")
 
 
 class StageFailed(Exception):
@@ -281,7 +281,7 @@ def run_stages(args, runner, out):
 
     if needs_classification(data_path):
         classified = os.path.join(out, "classified.json")
-        api = args.classifier_backend in ("openai", "openai_chat")
+        api = args.classifier_backend in API_BACKENDS
         if args.dry_run and not api:
             logger.warning("stage classify (dry run): the %s backend runs locally and costs no API request; "
                            "records without a category are left out of the estimates below",
@@ -403,14 +403,14 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true",
                    help="run the whole pipeline on datasets/examples with local stand-ins for OpenAI and Serper "
                         f"(no key, no network) into {DEMO_OUTPUT} (or --output_directory)")
-    p.add_argument("--input_format", choices=INPUT_FORMATS, default="auto",
+    p.add_argument("--input_format", choices=("auto", *FORMATS), default="auto",
                    help="format of the input records (default: auto, detected from the first records)")
-    p.add_argument("--output_format", choices=OUTPUT_FORMATS, default="realign",
+    p.add_argument("--output_format", choices=FORMATS, default="realign",
                    help="also write final.json in this format, as final_<format>.jsonl (default: realign only)")
     p.add_argument("--keep_original", action="store_true",
                    help="with --output_format: keep the original response as an extra field")
     g = p.add_argument_group("stage 1: classify (only when a record lacks a category)")
-    g.add_argument("--classifier_backend", choices=["vllm", "openai", "openai_chat", "transformers"], default="vllm",
+    g.add_argument("--classifier_backend", choices=BACKENDS, default="vllm",
                    help="how to run the task classifier (openai_chat: any chat model, no GPU)")
     g.add_argument("--classifier_model", default=None,
                    help="classifier: Hugging Face name or local folder, served model name, or chat model "
