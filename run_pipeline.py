@@ -217,6 +217,19 @@ class Budget:
 # -- the stages ------------------------------------------------------------------------
 
 
+def run_paid_stage(runner, args, budget, stage, script, command):
+    """Run a stage that may spend; what it spent (its --usage_path file) counts against
+    --max_cost also when it failed (a budget stop says so there). A dry run's report is printed."""
+    try:
+        output = runner.run(stage, script, command, capture=args.dry_run)
+    except StageFailed:
+        budget.add(read_usage(usage_path(args, stage)))
+        raise
+    if args.dry_run:
+        print(output, end="")
+    budget.add(read_usage(usage_path(args, stage)))
+
+
 def run_reformat(args, runner, input_path, out, budget):
     """Start one reformat process per batch id, wait for all, and name the ones that failed."""
     rewrite_dir = os.path.join(out, "rewrite")
@@ -297,20 +310,12 @@ def run_stages(args, runner, out):
                 command += cost_flags(args, budget.left())
             elif api:  # a served classifier: its own server, no price; the cache and dry run apply
                 command += cost_flags(args, tokens=False)
-            try:
-                output = runner.run("classify", "classify.py", command + shlex.split(args.classify_args),
-                                    capture=args.dry_run)
-            except StageFailed:
-                budget.add(read_usage(usage_path(args, "classify")))  # a budget stop says so here
-                raise
+            run_paid_stage(runner, args, budget, "classify", "classify.py",
+                           command + shlex.split(args.classify_args))
             if args.dry_run:
-                print(output, end="")
                 logger.warning("dry run: records without a category are left out of the estimates below "
                                "(their task is known only once stage 1 has run)")
-            budget.add(read_usage(usage_path(args, "classify")))
-        if not args.dry_run:
-            data_path = classified
-        elif os.path.exists(classified):
+        if not args.dry_run or os.path.exists(classified):
             data_path = classified
     else:
         logger.info("stage classify: skipped, every record already has a category")
@@ -324,20 +329,15 @@ def run_stages(args, runner, out):
             command += ["--batch_size", args.retrieval_batch_size]
         command += cost_flags(args, budget.left(), tokens=False)
         try:
-            output = runner.run("retrieval", "retrieval.py", command, capture=args.dry_run)
-            if args.dry_run:
-                print(output, end="")
+            run_paid_stage(runner, args, budget, "retrieval", "retrieval.py", command)
         except StageFailed:
-            budget.add(read_usage(usage_path(args, "retrieval")))  # a budget stop says so here
             if not args.allow_retrieval_failures:
                 raise
             logger.warning("retrieval: some searches failed; going on without their evidence")
-        else:
-            budget.add(read_usage(usage_path(args, "retrieval")))
         clean = os.path.join(out, "retrieval_clean_evidence.json")
         if not args.dry_run or os.path.exists(clean):
             data_path = clean
-        elif args.dry_run:
+        else:
             logger.warning("dry run: the reformat estimate leaves out the evidence retrieval would add")
     else:
         logger.warning("stage retrieval: skipped, SERPER_API_KEY is not set (records are reformatted without evidence)")
