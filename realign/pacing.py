@@ -188,13 +188,7 @@ class Pacer:
 
     def _sent_since(self, when):
         """(requests, tokens) this process started after ``when``."""
-        requests = tokens = 0.0
-        for sent_at, r, t in reversed(self.sent):
-            if sent_at <= when:
-                break
-            requests += r
-            tokens += t
-        return {"requests": requests, "tokens": tokens}
+        return self._spent_between(when, float("inf"))
 
     def _spent_between(self, start, end):
         """(requests, tokens) this process started in ``(start, end]``."""
