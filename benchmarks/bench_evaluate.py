@@ -15,8 +15,8 @@ with --output_path, --report_path and --plot_path, and prints its wall time and 
 distance alone (rapidfuzz on --distance_pairs pairs, in this process), next to a
 hand-written quadratic loop on a few pairs for scale.
 
-Target: 1M records within the time and memory the README states; the figures depend on
-the machine, so measure on a quiet one.
+No target is set: benchmarks/README.md lists the figures measured at 1M records. They
+depend on the machine, so measure on a quiet one.
 """
 
 import argparse
