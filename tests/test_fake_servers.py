@@ -15,7 +15,16 @@ import threading
 import openai
 import pytest
 import requests
-from realign.standins import REASONING, Profile, default_chat_reply, openai_duration, spawn, stop_spawned
+from realign.standins import (
+    MALFORMED_REPLY,
+    REASONING,
+    FakeOpenAIServer,
+    Profile,
+    default_chat_reply,
+    openai_duration,
+    spawn,
+    stop_spawned,
+)
 
 import constant
 
@@ -126,6 +135,33 @@ def test_unknown_model_gives_404(fake_openai):
     with pytest.raises(openai.NotFoundError) as caught:
         chat(fake_openai)
     assert caught.value.code == "model_not_found"
+
+
+def test_fault_rates_are_roughly_honoured():
+    # The benchmarks' random faults: seeded, so the counts are the same on every run.
+    rates = {"429": 0.10, "500": 0.05, "malformed": 0.05}
+    seen = {"429": 0, "500": 0, "malformed": 0}
+    with FakeOpenAIServer(fault_rates=rates, seed=1) as server:
+        client = client_for(server)
+        for _ in range(200):
+            try:
+                content = chat(server, client=client).choices[0].message.content
+                seen["malformed"] += content == MALFORMED_REPLY
+            except openai.RateLimitError:
+                seen["429"] += 1
+            except openai.InternalServerError:
+                seen["500"] += 1
+    assert seen == server.fault_counts
+    assert 10 <= seen["429"] <= 30
+    assert 3 <= seen["500"] <= 17
+    assert 3 <= seen["malformed"] <= 17
+
+
+def test_the_command_line_refuses_an_unknown_fault_label():
+    result = subprocess.run([sys.executable, FAKE_SERVERS, "serper", "--fault-rate", "truncated=0.1"],
+                            check=False, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "unknown fault kind 'truncated'" in result.stderr
 
 
 def test_64_concurrent_requests_all_succeed(fake_openai):
