@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -82,12 +83,24 @@ class Cache:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                              check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        # WAL: readers never wait for the writer; each commit is one atomic append.
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # The N processes of a Slurm array often create the cache at the same moment. Until the
+        # database is in WAL mode, SQLite answers some of them "database is locked" at once,
+        # without waiting (two connections upgrading their locks would deadlock): try again.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                # WAL: readers never wait for the writer; each commit is one atomic append.
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                db.executescript(SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    db.close()
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
         if mode.lower() != "wal":  # pragma: no cover - a filesystem without shared memory
             logger.warning("%s: the cache cannot use SQLite's write-ahead log here (%s mode)", self.path, mode)
         db.execute("PRAGMA synchronous = NORMAL")
-        db.executescript(SCHEMA)
         return db
 
     @property

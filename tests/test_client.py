@@ -286,6 +286,29 @@ def write_entries(directory, worker, count):
     cache.close()
 
 
+def open_at_once(directory, barrier, worker):
+    barrier.wait()  # every process opens the new cache at the same moment, as a Slurm array's do
+    with Cache(directory) as cache:
+        cache.put(f"w{worker}", {"worker": worker})
+
+
+def test_processes_creating_one_cache_at_the_same_moment_all_open_it(tmp_path):
+    # Before the database is in WAL mode SQLite refuses some of them at once ("database is
+    # locked"); without the retry, 10 of 40 rounds of six processes had such a refusal here.
+    context = multiprocessing.get_context("fork")
+    for round_ in range(12):
+        directory = str(tmp_path / f"cache{round_}")
+        barrier = context.Barrier(8)
+        workers = [context.Process(target=open_at_once, args=(directory, barrier, w)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0] * 8, f"round {round_}"
+        with Cache(directory) as cache:
+            assert [cache.get(f"w{w}") for w in range(8)] == [{"worker": w} for w in range(8)]
+
+
 @pytest.mark.slow
 def test_eight_processes_writing_one_cache_lose_nothing(tmp_path):
     context = multiprocessing.get_context("spawn")
