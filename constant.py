@@ -211,185 +211,220 @@ REWRITE_TASK = [
 # unless added to REWRITE_TASK). Inserted into the reformat user prompt.
 STRUCTURE = {
     "question_generation": (
-        "Present the generated questions as a numbered list, one question per item, "
-        "with no other text between the items."
+        "The question asks for questions to be generated. Present the generated questions "
+        "as a numbered list, one question per item."
     ),
     "email_generation": (
-        "Lay the email out as follows:\n"
+        "The question asks for an email to be written. Lay the email out as follows:\n"
         "1. A subject line that states the topic clearly.\n"
         "2. A salutation that addresses the recipient appropriately.\n"
         "3. A short opening that introduces the sender and the purpose of the email.\n"
-        "4. The body, in short paragraphs or bullet points, one idea each.\n"
-        "5. A closing remark followed by the sender's name.\n"
-        "6. A signature with the sender's contact details.\n"
-        "7. A note on any attachments, if there are any.\n"
-        "Keep the tone polite and professional, make sure the text is free of errors, "
-        "and keep it short, direct and easy to scan."
+        "4. The body, in short paragraphs or bullet points, one idea each; when the email "
+        "covers several topics, a short heading for each topic.\n"
+        "5. A clear call to action: what the recipient is asked to do, and by when.\n"
+        "6. A closing remark followed by the sender's name.\n"
+        "7. A signature with the sender's job title and contact details.\n"
+        "8. A note on any attachments, if there are any.\n"
+        "Match the tone to the recipient and the purpose, always polite and professional; "
+        "make sure the text is free of errors, and keep it short, direct and easy to scan."
     ),
     "data_generation": (
-        "Present the generated data as a list, one record or example per item, "
-        "each written in the same consistent shape."
+        "The question asks for data to be generated. Present the generated data as a list, "
+        "one record or example per item, each written in the same consistent shape."
     ),
     "recommendations": (
+        "The question asks for recommendations.\n"
         "1. Open with one sentence that states the purpose the recommendations serve.\n"
         "2. Give the recommendations themselves.\n"
         "3. Explain them in a list, one item per recommendation, saying why it fits.\n"
         "4. Close with a short conclusion."
     ),
     "how_to_generation": (
+        "The question asks how to do something.\n"
         "1. Begin with a short analysis of the question: what is to be done and what it involves.\n"
         "2. Give the answer, the steps in order as a numbered list.\n"
         "3. Add explanations of the important steps or points.\n"
         "4. Close with a short conclusion."
     ),
     "planning": (
+        "The question asks for a plan.\n"
         "1. State the goal of the plan in the first sentence.\n"
         "2. Give the plan as a list ordered by timeline (for example by day, week or phase).\n"
         "3. Add explanations of the main parts of the plan.\n"
         "4. Close with a short conclusion."
     ),
     "instructional_rewriting": (
+        "The question asks for a text to be rewritten following an instruction.\n"
         "1. Give the rewritten text first.\n"
         "2. Then list the changes that were made, one per item, each with the reason for it."
     ),
     "language_polishing": (
+        "The question asks for a text to be polished.\n"
         "1. Give the polished text first.\n"
         "2. Then list the changes that were made, one per item, each with the reason for it."
     ),
     "text_correction": (
+        "The question asks for a text to be corrected.\n"
         "1. Give the corrected text first.\n"
         "2. Then list the corrections that were made, one per item, each with the reason for it."
     ),
     "code_correction": (
+        "The question asks for code to be corrected.\n"
         "1. Give the corrected code, with explanatory comments, inside a markdown code block.\n"
         "2. Then list the changes that were made, one per item, each with the reason for it."
     ),
     "information_extraction": (
-        "Present the extracted information in a structured form: a list, or a markdown table "
-        "when the items share the same fields."
+        "The question asks for information to be extracted from a text. Present the extracted "
+        "information in a structured form: a list, or a markdown table when the items share "
+        "the same fields."
     ),
     "keywords_extraction": (
-        "Present the keywords as a list, one keyword or key phrase per item."
+        "The question asks for the keywords of a text. Present the keywords as a list, one "
+        "keyword or key phrase per item."
     ),
     "explain_code": (
+        "The question asks for code to be explained.\n"
         "1. Begin with a brief paragraph analysing what the code is for.\n"
         "2. Explain the code in a structured way, as a list or a markdown table, "
         "part by part.\n"
         "3. Close with a short conclusion."
     ),
     "explain_answer": (
+        "The question asks for an answer to be explained.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Explain the answer in a structured way, as a list or a markdown table, "
         "point by point.\n"
         "3. Close with a short conclusion."
     ),
     "text_to_text_translation": (
+        "The question asks for a text to be translated.\n"
         "1. Give the translation first.\n"
         "2. Then explain the translation in a list, e.g. word choices, idioms or grammar "
         "that needed care."
     ),
     "text_to_code_translation": (
+        "The question asks for code that does what a text describes.\n"
         "1. Begin with a brief analysis of the task the code must solve.\n"
         "2. Give the code, with explanatory comments, inside a markdown code block.\n"
         "3. Explain the code in a list, one item per important piece.\n"
         "4. Close with a short conclusion."
     ),
     "code_to_code_translation": (
+        "The question asks for code to be converted into another programming language.\n"
         "1. Begin with a brief analysis of the original code and the conversion.\n"
         "2. Give the converted code, with explanatory comments, inside a markdown code block.\n"
         "3. Explain the converted code in a list, one item per important piece.\n"
         "4. Close with a short conclusion."
     ),
     "code_to_text_translation": (
+        "The question asks for code to be described in words.\n"
         "1. Begin with a brief analysis of the code.\n"
         "2. Give the description or documentation in structured sections "
         "(for example purpose, inputs, outputs, how it works).\n"
         "3. Close with a short conclusion."
     ),
     "open_qa": (
+        "The question is an open question on general knowledge.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Give the answer.\n"
         "3. Explain the answer.\n"
         "4. Close with a short conclusion."
     ),
     "closed_qa": (
+        "The question is to be answered from a given passage.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Give the answer, taken from the given passage.\n"
-        "3. Explain the answer, pointing to the relevant part of the passage.\n"
+        "3. Explain the answer.\n"
         "4. Close with a short conclusion."
     ),
     "fill_in_the_blank": (
+        "The question asks for a blank to be filled in.\n"
         "1. Begin with a brief paragraph analysing the sentence and what the blank needs.\n"
         "2. Give the answer together with an explanation of why it fits."
     ),
     "fact_verification": (
+        "The question asks whether a claim is true.\n"
         "1. State the verdict first: whether the claim is true or false.\n"
         "2. Then give the explanation that supports the verdict."
     ),
     "math_puzzles": (
+        "The question is a math puzzle.\n"
         "1. Begin with a brief paragraph analysing the problem.\n"
         "2. Give the step-by-step solution as a numbered list.\n"
         "3. Give a second list that explains the steps in detail.\n"
         "4. State the final result, then close with a short conclusion."
     ),
     "language_learning_questions": (
+        "The question is about learning a language, natural or programming.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Give the answer.\n"
         "3. Explain the answer.\n"
         "4. Close with a short conclusion."
     ),
     "natural_language_learning_tutor": (
+        "The question is put to a tutor of a natural language.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Give the answer.\n"
-        "3. Explain the answer, with examples where they help.\n"
+        "3. Explain the answer.\n"
         "4. Close with a short conclusion."
     ),
     "exam_problem_solving_tutor": (
+        "The question is an exam problem put to a tutor.\n"
         "1. Begin with a brief paragraph analysing the problem.\n"
         "2. Give the answer.\n"
         "3. Explain how the answer is reached.\n"
         "4. Close with a short conclusion."
     ),
     "ml_ai_language_model_tutor": (
+        "The question is put to a tutor of machine learning, AI or language models.\n"
         "1. Give the answer first.\n"
         "2. Explain the answer.\n"
         "3. Close with a short conclusion."
     ),
     "general_classification": (
+        "The question asks for things to be classified.\n"
         "1. Give the answer (the category or label) first.\n"
         "2. Then give the explanation for it."
     ),
     "ordering": (
+        "The question asks for items to be put in order.\n"
         "1. Give the answer (the items in order) first.\n"
         "2. Then give the explanation for the order."
     ),
     "sentiment_analysis": (
+        "The question asks for the sentiment of a text.\n"
         "1. Give the answer (the sentiment) first.\n"
         "2. Then give the explanation for it."
     ),
     "code_language_classification": (
+        "The question asks which programming language some code is written in.\n"
         "1. Give the answer (the programming language) first.\n"
         "2. Then give the explanation for it."
     ),
     "language_classification": (
+        "The question asks which language a text is written in.\n"
         "1. Give the answer (the language) first.\n"
         "2. Then give the explanation for it."
     ),
     "topic_classification": (
+        "The question asks for the topic of a text.\n"
         "1. Give the answer (the topic) first.\n"
         "2. Then give the explanation for it."
     ),
     "value_judgement": (
+        "The question asks for a judgement of value.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Give the judgement.\n"
         "3. Explain the judgement.\n"
         "4. Close with a short conclusion."
     ),
     "rejecting": (
+        "The question is a request that should be refused.\n"
         "1. State the refusal first.\n"
         "2. Then explain why the request cannot be fulfilled."
     ),
     "default": (
+        "The question is a general one.\n"
         "1. Begin with a brief paragraph analysing the question.\n"
         "2. Give the answer.\n"
         "3. Explain the answer in a list, one point per item.\n"
@@ -477,25 +512,23 @@ Task name:
 # system (no fields) and user template.
 # User fields: {question}, {response}, {format}; evidence adds {evidence},
 # passed already numbered ("1. ...", blank line, "2. ...").
-# reformat.py splits the reply on "Revised response:"; keep both markers.
+# reformat.py appends the part of REPLY_FORMATS that --reply_format chooses to
+# both messages.
 REFORMAT_PROMPTS = {
     "adaptive": {
         "plain": {
             "system": (
-                "You revise the format of answers. You are given a question, an original "
-                "response to it, and a target format. Follow these rules:\n"
-                "1. First decide whether the target format suits the question. If it does "
-                "not, return the original response exactly as it is. If it does, rewrite "
-                "the response so that it follows the target format.\n"
-                "2. Change only the format. Keep the meaning and every piece of "
-                "information in the original response.\n"
+                "You revise the format of answers. You are given a question, an original response "
+                "to it, and a target format. Follow these rules:\n"
+                "1. First decide whether the target format suits the question. If it does not, "
+                "return the original response exactly as it is. If it does, rewrite the response "
+                "so that it follows the target format.\n"
+                "2. Change only the format. Keep the meaning and every piece of information in "
+                "the original response: its facts, numbers, names, code and final answer.\n"
                 "3. The revised response must still answer the question correctly.\n"
-                "4. The revised response must read fluently and must not add extra "
-                "subheadings.\n"
-                "\n"
-                "Reply in exactly this form:\n"
-                "Reasoning: <brief reasoning about the format and your decision>\n"
-                "Revised response: <the full revised response>"
+                "4. The revised response must read fluently and must not add extra subheadings.\n"
+                "5. Give the final revised response without any additional information: no "
+                "remarks about the format, the task, these rules or the changes you made."
             ),
             "user": (
                 "[Question start]\n"
@@ -510,31 +543,26 @@ REFORMAT_PROMPTS = {
                 "{format}\n"
                 "[Target format end]\n"
                 "\n"
-                "Decide whether the target format suits the question and revise the "
-                "original response accordingly, following the rules. Write "
-                '"Reasoning:" with your brief reasoning, then on a new line '
-                '"Revised response:" followed by the full revised response.'
+                "Decide whether the target format suits the question and revise the original "
+                "response accordingly, following the rules."
             ),
         },
         "evidence": {
             "system": (
-                "You revise the format of answers. You are given a question, an original "
-                "response to it, a target format, and evidence retrieved from a web "
-                "search. Follow these rules:\n"
-                "1. First decide whether the target format suits the question. If it does "
-                "not, return the original response exactly as it is. If it does, rewrite "
-                "the response so that it follows the target format.\n"
-                "2. Change only the format. Keep the meaning and every piece of "
-                "information in the original response.\n"
+                "You revise the format of answers. You are given a question, an original response "
+                "to it, a target format, and evidence retrieved from a web search. Follow these "
+                "rules:\n"
+                "1. First decide whether the target format suits the question. If it does not, "
+                "return the original response exactly as it is. If it does, rewrite the response "
+                "so that it follows the target format.\n"
+                "2. Change only the format. Keep the meaning and every piece of information in "
+                "the original response: its facts, numbers, names, code and final answer.\n"
                 "3. The revised response must still answer the question correctly.\n"
-                "4. The revised response must read fluently and must not add extra "
-                "subheadings.\n"
-                "5. Use whichever parts of the evidence help to answer the question well; "
-                "ignore the parts that do not.\n"
-                "\n"
-                "Reply in exactly this form:\n"
-                "Reasoning: <brief reasoning about the format and your decision>\n"
-                "Revised response: <the full revised response>"
+                "4. The revised response must read fluently and must not add extra subheadings.\n"
+                "5. Use whichever parts of the evidence help to answer the question well; ignore "
+                "the parts that do not.\n"
+                "6. Give the final revised response without any additional information: no "
+                "remarks about the format, the task, these rules or the changes you made."
             ),
             "user": (
                 "[Question start]\n"
@@ -553,29 +581,24 @@ REFORMAT_PROMPTS = {
                 "{evidence}\n"
                 "[Evidence end]\n"
                 "\n"
-                "Decide whether the target format suits the question and revise the "
-                "original response accordingly, following the rules and drawing on the "
-                'evidence where it helps. Write "Reasoning:" with your brief reasoning, '
-                'then on a new line "Revised response:" followed by the full revised '
-                "response."
+                "Decide whether the target format suits the question and revise the original "
+                "response accordingly, following the rules and drawing on the evidence where it "
+                "helps."
             ),
         },
     },
     "forced": {
         "plain": {
             "system": (
-                "You revise the format of answers. You are given a question, an original "
-                "response to it, and a target format. Rewrite the response so that it "
-                "follows the target format, and follow these rules:\n"
-                "1. Change only the format. Keep the meaning and every piece of "
-                "information in the original response.\n"
+                "You revise the format of answers. You are given a question, an original response "
+                "to it, and a target format. Rewrite the response so that it follows the target "
+                "format, and follow these rules:\n"
+                "1. Change only the format. Keep the meaning and every piece of information in "
+                "the original response: its facts, numbers, names, code and final answer.\n"
                 "2. The revised response must still answer the question correctly.\n"
-                "3. The revised response must read fluently and must not add extra "
-                "subheadings.\n"
-                "\n"
-                "Reply in exactly this form:\n"
-                "Reasoning: <brief reasoning about how you applied the format>\n"
-                "Revised response: <the full revised response>"
+                "3. The revised response must read fluently and must not add extra subheadings.\n"
+                "4. Give the final revised response without any additional information: no "
+                "remarks about the format, the task, these rules or the changes you made."
             ),
             "user": (
                 "[Question start]\n"
@@ -590,28 +613,22 @@ REFORMAT_PROMPTS = {
                 "{format}\n"
                 "[Target format end]\n"
                 "\n"
-                "Rewrite the original response in the target format, following the rules. "
-                'Write "Reasoning:" with your brief reasoning, then on a new line '
-                '"Revised response:" followed by the full revised response.'
+                "Rewrite the original response in the target format, following the rules."
             ),
         },
         "evidence": {
             "system": (
-                "You revise the format of answers. You are given a question, an original "
-                "response to it, a target format, and evidence retrieved from a web "
-                "search. Rewrite the response so that it follows the target format, and "
-                "follow these rules:\n"
-                "1. Change only the format. Keep the meaning and every piece of "
-                "information in the original response.\n"
+                "You revise the format of answers. You are given a question, an original response "
+                "to it, a target format, and evidence retrieved from a web search. Rewrite the "
+                "response so that it follows the target format, and follow these rules:\n"
+                "1. Change only the format. Keep the meaning and every piece of information in "
+                "the original response: its facts, numbers, names, code and final answer.\n"
                 "2. The revised response must still answer the question correctly.\n"
-                "3. The revised response must read fluently and must not add extra "
-                "subheadings.\n"
-                "4. Use whichever parts of the evidence help to answer the question well; "
-                "ignore the parts that do not.\n"
-                "\n"
-                "Reply in exactly this form:\n"
-                "Reasoning: <brief reasoning about how you applied the format>\n"
-                "Revised response: <the full revised response>"
+                "3. The revised response must read fluently and must not add extra subheadings.\n"
+                "4. Use whichever parts of the evidence help to answer the question well; ignore "
+                "the parts that do not.\n"
+                "5. Give the final revised response without any additional information: no "
+                "remarks about the format, the task, these rules or the changes you made."
             ),
             "user": (
                 "[Question start]\n"
@@ -630,12 +647,41 @@ REFORMAT_PROMPTS = {
                 "{evidence}\n"
                 "[Evidence end]\n"
                 "\n"
-                "Rewrite the original response in the target format, following the rules "
-                'and drawing on the evidence where it helps. Write "Reasoning:" with your '
-                'brief reasoning, then on a new line "Revised response:" followed by the '
-                "full revised response."
+                "Rewrite the original response in the target format, following the rules and "
+                "drawing on the evidence where it helps."
             ),
         },
+    },
+}
+
+# How the model is asked to lay out its reply (reformat.py --reply_format): the
+# "system" part closes the system message, the "user" part the user message.
+# text: reformat.py splits the reply on "Revised response:" (keep both markers).
+# json: the reply is a JSON object with the string fields "reasoning" and
+# "revised_response"; reformat.py also sends their JSON schema where the server
+# takes one (response_format). No {fields} here, and no literal braces.
+REPLY_FORMATS = {
+    "text": {
+        "system": (
+            "Reply in exactly this form:\n"
+            "Reasoning: <brief reasoning about the format and your decision>\n"
+            "Revised response: <the full revised response, and nothing else>"
+        ),
+        "user": (
+            'Write "Reasoning:" with your brief reasoning, then on a new line '
+            '"Revised response:" followed by the full revised response and nothing after it.'
+        ),
+    },
+    "json": {
+        "system": (
+            "Reply with a JSON object of exactly two string fields: \"reasoning\", your brief "
+            "reasoning about the format and your decision, and \"revised_response\", the full "
+            "revised response and nothing else."
+        ),
+        "user": (
+            'Reply with the JSON object: "reasoning" first, then "revised_response" holding '
+            "the full revised response and nothing else."
+        ),
     },
 }
 

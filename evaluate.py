@@ -86,6 +86,7 @@ from realign.metrics import (
     split_words,
 )
 from realign.lengths import load_length_counter
+from realign.quality import TEXT_CHECKS, find_problems
 from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
 logger = logging.getLogger("evaluate")
@@ -117,7 +118,7 @@ OUTCOME_ORIGINAL_FIRST = {"A": "loss", "B": "win", "C": "tie"}
 OUTCOME_REWRITE_FIRST = {"A": "win", "B": "loss", "C": "tie"}
 OUTCOMES = ("win", "tie", "loss")
 
-Original = namedtuple("Original", "id index task question response")
+Original = namedtuple("Original", "id index task question response evidence")
 Rewritten = namedtuple("Rewritten", "id index task response tag reject_reason")
 JudgeItem = namedtuple("JudgeItem", "id line question original rewrite reference")
 
@@ -128,7 +129,9 @@ def slim_originals(records):
     """The fields evaluation needs of each original record (a waiting record costs only these)."""
     for index, record in enumerate(records):
         first, second = record["items"][0], record["items"][1]
-        yield Original(record["id"], index, first.get("category"), first["value"], second["value"])
+        evidence = first.get("evidence")
+        yield Original(record["id"], index, first.get("category"), first["value"], second["value"],
+                       tuple(evidence) if isinstance(evidence, list) else ())
 
 
 def optional_string(record, field, path, index):
@@ -201,14 +204,18 @@ def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_rec
                 length_before, length_after = len(before_words), len(after_words)
             else:
                 length_before, length_after = counted[j], counted[len(batch) + j]
+            problems = find_problems(rewritten.response, original.response, original.question, original.evidence,
+                                     task) if changed else []
             stats[task].add(rate, rewrote, changed, length_before, length_after,
-                            rewritten.tag, rewritten.reject_reason)
+                            rewritten.tag, rewritten.reject_reason, problems)
             if on_record is not None:
                 entry = {"id": original.id, "task": task, "edit_rate": round(rate, 4), "rewritten": rewrote,
                          "changed": changed, "length_before": length_before, "length_after": length_after,
                          "tag": rewritten.tag}
                 if rewritten.reject_reason is not None:
                     entry["reject_reason"] = rewritten.reject_reason
+                if problems:
+                    entry["checks"] = problems
                 on_record(entry, original, rewritten)
     return dict(stats)
 
@@ -234,7 +241,7 @@ def summarize(task_stats):
 
 
 def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpaired=False,
-                  threshold=REWRITE_THRESHOLD, on_record=None):
+                  threshold=REWRITE_THRESHOLD, on_record=None, rewrite_directory=None):
     """The free measures of two files: ``(summary, overall MeasureStats)``.
 
     ``summary`` holds "inputs", "unpaired", "overall", "groups" and "tasks" (see
@@ -262,7 +269,47 @@ def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpai
                      "only_in_rewritten": len(unpaired["rewritten"])},
         **tables,
     }
+    if rewrite_directory:
+        summary["candidate_checks"] = read_candidate_checks(rewrite_directory)
     return summary, overall
+
+
+def read_candidate_checks(directory):
+    """What reformat's checks found among the candidates, added up over the batch files of
+    ``directory`` (their lines' ``candidate_checks``): ``{"records", "candidates", "rejected",
+    "kept_original"}``."""
+    from realign import find_batch_files, iter_progress
+
+    _, batches = find_batch_files(directory)
+    totals = {"records": 0, "candidates": 0, "failing": 0, "problems": Counter(), "kept_original": 0}
+    last = {}  # a rerun appends a record's line again: its last line counts
+    for path in batches.values():
+        for entry in iter_progress(path):
+            if isinstance(entry, dict) and isinstance(entry.get("candidate_checks"), dict):
+                last[(path, json.dumps(entry.get("id")))] = (entry["candidate_checks"], entry.get("status"))
+    for checks, status in last.values():
+        totals["records"] += 1
+        totals["candidates"] += int(checks.get("candidates") or 0)
+        totals["failing"] += int(checks.get("failing") or 0)
+        totals["problems"].update({k: int(v) for k, v in (checks.get("problems") or {}).items()})
+        totals["kept_original"] += status == "rejected"
+    totals["problems"] = dict(totals["problems"].most_common())
+    return totals
+
+
+def checks_headline(summary):
+    """The headline's part on the quality checks (realign/quality.py), e.g. ``checks: 22 of 98
+    candidates failed, 11 rewrites rejected by a check, 0 kept rewrites fail one``."""
+    overall = summary["overall"]
+    parts = []
+    candidates = summary.get("candidate_checks")
+    if candidates:
+        parts.append(f"{candidates['failing']:,} of {candidates['candidates']:,} candidates failed")
+    rejected = sum(n for reason, n in overall["reject_reasons"].items() if reason in TEXT_CHECKS)
+    if overall["reject_reasons"] or overall["tags"].get("original"):
+        parts.append(f"{rejected:,} rewrites rejected by a check")
+    parts.append(f"{overall['failing_checks']:,} kept rewrites fail one")
+    return "checks: " + ", ".join(parts)
 
 
 def percent(share, digits=1):
@@ -279,6 +326,7 @@ def headline(summary):
         (f"mean length {overall['length_before']['mean']:.1f} -> {overall['length_after']['mean']:.1f} "
          f"{summary['inputs']['length_unit']}"),
         f"changed {percent(overall['share_changed'])}",
+        checks_headline(summary),
     ]
     judges = summary.get("judges", {})
     factuality = judges.get("factuality")
@@ -691,6 +739,7 @@ def render_report(summary, plot_link=None):
     if overall["reject_reasons"]:
         parts.append(table(["reject reason", "records", "share"],
                            [[r, f"{n:,}", percent(n / records)] for r, n in overall["reject_reasons"].items()]))
+    parts += ["## Quality checks", checks_table(summary)]
     judges = summary.get("judges", {})
     if judges:
         parts.append("## Judges")
@@ -726,6 +775,21 @@ def render_report(summary, plot_link=None):
              f"share); {r['unparsed']:,} unparsed after re-asking, {r['no_reply']:,} without a reply."),
         ]
     return "\n\n".join(parts) + "\n"
+
+
+def checks_table(summary):
+    """Per check: the candidates that failed it (reformat), the rewrites the filter rejected
+    for it, and the kept rewrites that still fail it."""
+    candidates = summary.get("candidate_checks")
+    overall = summary["overall"]
+    rows = []
+    for name in TEXT_CHECKS if candidates is None else ("cut_off", "unparsable", *TEXT_CHECKS):
+        rows.append([name, f"{candidates['problems'].get(name, 0):,}" if candidates else "n/a",
+                     f"{overall['reject_reasons'].get(name, 0):,}", f"{overall['checks'].get(name, 0):,}"])
+    note = (f"Candidates: {candidates['candidates']:,} from reformat's batch files, {candidates['failing']:,} "
+            f"failing at least one check; {candidates['kept_original']:,} record(s) kept the original because "
+            "none passed." if candidates else "Candidates: not counted (pass --rewrite_directory).")
+    return note + "\n\n" + table(["check", "candidates failing", "rewrites rejected", "kept rewrites failing"], rows)
 
 
 def readable(task):
@@ -936,6 +1000,9 @@ def parse_args(argv=None):
     parser.add_argument("--plot_path", default=None, help="PNG to write: one image with all the charts")
     parser.add_argument("--tokenizer_path", default=None,
                         help="Hugging Face tokenizer to count lengths in tokens (edit rates stay in words)")
+    parser.add_argument("--rewrite_directory", default=None,
+                        help="the folder of reformat.py's batch files: also count what the quality checks found "
+                             "among the candidates (default: not counted)")
     parser.add_argument("--rewrite_threshold", type=rate_threshold, default=REWRITE_THRESHOLD,
                         help=f"edit rate above which a response counts as rewritten (default {REWRITE_THRESHOLD}, "
                              "the paper's)")
@@ -1050,7 +1117,8 @@ def main(argv=None) -> int:
             lines += 1
 
         summary, overall_stats = measure_files(args.original_path, args.rewritten_path, count_lengths,
-                                               args.allow_unpaired, args.rewrite_threshold, on_record)
+                                               args.allow_unpaired, args.rewrite_threshold, on_record,
+                                               args.rewrite_directory)
         verdicts = judge_samples(args, samplers, ask, summary) if args.judge else {}
         if args.dry_run:
             free = {key: value for key, value in summary.items() if key != "judges"}

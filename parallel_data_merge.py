@@ -23,13 +23,12 @@ batch line, batch files of two runs), nothing written. No environment variables.
 import argparse
 import bisect
 import logging
-import os
-import re
 import sys
 from collections import Counter
 
 from realign import (
     FatalError,
+    find_batch_files,
     InputError,
     chunk_bounds,
     exits_cleanly,
@@ -42,45 +41,7 @@ from realign import (
 
 logger = logging.getLogger("parallel_data_merge")
 
-BATCH_FILE_RE = re.compile(r"rewrite_data_(0|[1-9]\d*)_of_([1-9]\d*)_batch\.jsonl")
 SHOWN_IDS = 5  # how many example ids a message lists
-
-
-def find_batch_files(directory):
-    """``(N, {batch_id: path})`` for the batch files of one run in ``directory``.
-
-    Other files are ignored; batch files of two different N are an error naming both.
-    """
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        raise InputError(f"{directory}: directory not found") from None
-    except OSError as e:
-        raise InputError(f"{directory}: cannot list: {e}") from None
-    batches, first_of_n, ignored = {}, {}, []
-    for name in names:
-        match = BATCH_FILE_RE.fullmatch(name)
-        if not match or not os.path.isfile(os.path.join(directory, name)):
-            ignored.append(name)
-            continue
-        batch_id, batch_num = int(match.group(1)), int(match.group(2))
-        first_of_n.setdefault(batch_num, name)
-        if batch_id >= batch_num:
-            raise InputError(
-                f"{os.path.join(directory, name)}: batch id {batch_id} is not below the batch count {batch_num}"
-            )
-        batches[batch_id] = os.path.join(directory, name)
-    if len(first_of_n) > 1:
-        (n1, name1), (n2, name2) = sorted(first_of_n.items())[:2]
-        raise InputError(
-            f"{directory}: batch files of two runs, {name1} (N={n1}) and {name2} (N={n2}); "
-            "move the files of the stale run away"
-        )
-    if not first_of_n:
-        raise InputError(f"{directory}: no rewrite_data_{{i}}_of_{{N}}_batch.jsonl files (run reformat.py first)")
-    if ignored:
-        logger.info("ignoring %d other file(s) in %s: %s", len(ignored), directory, ", ".join(ignored[:SHOWN_IDS]))
-    return next(iter(first_of_n)), batches
 
 
 def batch_ids_of_positions(positions, n_records, batch_num):

@@ -74,7 +74,7 @@ import re
 import sys
 import time
 
-from constant import DEFAULT_MODEL, REFORMAT_PROMPTS, REWRITE_TASK, STRUCTURE, TASK_DESCRIPTION
+from constant import DEFAULT_MODEL, REFORMAT_PROMPTS, REPLY_FORMATS, REWRITE_TASK, STRUCTURE, TASK_DESCRIPTION
 from realign import (
     FatalError,
     InputError,
@@ -95,6 +95,7 @@ from realign import (
     write_json_atomic,
 )
 from realign.cache import open_cache, request_key
+from realign.records import BATCH_FILE_RE, batch_file_path, unused_replies_path
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
@@ -113,26 +114,28 @@ from realign.client import (
 )
 from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
 from realign.pricing import CHARS_PER_TOKEN, BudgetReached, DryRunReport, price_of_run
+from realign.quality import CUT_OFF, REASONING_MARKER_RE, REVISED_MARKER_RE, UNPARSABLE, check_record
 
 logger = logging.getLogger("reformat")
 
-BATCH_FILE = "rewrite_data_{batch_id}_of_{batch_num}_batch.jsonl"
 ARRAY_LAYOUT = "slurm_array.json"  # the layout of the Slurm array that started the run
-BATCH_FILE_RE = re.compile(r"rewrite_data_(0|[1-9]\d*)_of_([1-9]\d*)_batch\.jsonl")
 REFUSAL_HINT = "check --model, --target_length, --temperature, --top_p and --extra_body"
 
-# "Revised response:" as models write it: any case, optionally wrapped in markdown emphasis
-# ("**Revised response:**", "__Revised Response__:"). The closing emphasis must match the
-# opening one, so the "**" of a response that starts with bold text is left alone.
-REVISED_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*revised[ \t]+response[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
-                               re.IGNORECASE)
-REASONING_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*reasoning[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
-                                 re.IGNORECASE)
 MARKUP_CHARS = "*_# \t\n"  # heading and emphasis debris around a marker
-
-
-def batch_path(output_directory, batch_id, batch_num):
-    return os.path.join(output_directory, BATCH_FILE.format(batch_id=batch_id, batch_num=batch_num))
+REPLY_FORMAT_CHOICES = tuple(REPLY_FORMATS)
+DEFAULT_REPLY_FORMAT = "json"  # chosen on a real small model: see benchmarks/README.md
+RETRIED_STATUSES = ("failed", "rejected")  # lines --retry_failed asks again for
+# --reply_format json: the reply's JSON schema, which OpenAI and vLLM enforce (response_format).
+REVISION_SCHEMA = {"type": "json_schema",
+                   "json_schema": {"name": "revision", "strict": True,
+                                   "schema": {"type": "object",
+                                              "properties": {"reasoning": {"type": "string"},
+                                                             "revised_response": {"type": "string"}},
+                                              "required": ["reasoning", "revised_response"],
+                                              "additionalProperties": False}}}
+JSON_FENCE_RE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
+UNUSED_FILE_MAX_BYTES = 20_000_000  # the replies not used are kept up to this size, then only counted
+UNUSED_REPLY_MAX_CHARS = 8_000  # a kept reply longer than this is cut (a loop can fill the cap)
 
 
 # -- pure functions ------------------------------------------------------------------
@@ -158,40 +161,86 @@ def format_evidence(evidence):
     return "\n\n".join(f"{i}. {text}" for i, text in enumerate(evidence, 1)).strip()
 
 
-def build_rewrite_messages(record, adaptive=True, use_evidence=True, prompts=REFORMAT_PROMPTS,
-                           structures=STRUCTURE):
+def build_rewrite_messages(record, adaptive=True, use_evidence=True, reply_format="text",
+                           prompts=REFORMAT_PROMPTS, structures=STRUCTURE, reply_formats=REPLY_FORMATS):
     """The chat messages asking to reformat the record's first response to its task's format.
 
     The evidence variant is used when the record has evidence and ``use_evidence`` is on;
     ``adaptive`` lets the model keep the response when the format does not suit it
-    (forced mode, used for GSM8K and MATH, always reformats).
+    (forced mode, used for GSM8K and MATH, always reformats). Both messages end with the
+    part of ``reply_formats`` that ``reply_format`` names (how to lay out the reply).
     """
     human, gpt = record["items"][0], record["items"][1]
     evidence = human.get("evidence") if use_evidence else None
     template = prompts["adaptive" if adaptive else "forced"]["evidence" if evidence else "plain"]
+    layout = reply_formats[reply_format]
     fields = {"question": human["value"], "response": gpt["value"],
               "format": structures[human["category"]].strip()}
     if evidence:
         fields["evidence"] = format_evidence(evidence)
-    return [{"role": "system", "content": template["system"].strip()},
-            {"role": "user", "content": template["user"].format(**fields).strip()}]
+    return [{"role": "system", "content": template["system"].strip() + "\n\n" + layout["system"].strip()},
+            {"role": "user", "content": template["user"].format(**fields).strip() + "\n\n" + layout["user"].strip()}]
 
 
-def parse_revised_response(text):
-    """``{"reason", "revised_response"}`` from a "Reasoning: ... Revised response: ..." reply,
-    or None when the reply has no "Revised response:" marker or nothing after it."""
-    if not text:
+def strip_leading_protocol(text):
+    """``text`` without a well-formed protocol block at its start: "Revised response:"
+    again, or "Reasoning: ... Revised response:" (weak models nest the protocol). A
+    "Reasoning:" with no "Revised response:" after it stays (the check reports it)."""
+    while True:
+        text = text.lstrip()
+        marker = REVISED_MARKER_RE.match(text)
+        if marker is None:
+            reasoning = REASONING_MARKER_RE.match(text)
+            marker = REVISED_MARKER_RE.search(text, reasoning.end()) if reasoning else None
+        if marker is None:
+            return text.strip()
+        text = text[marker.end():]
+
+
+def parse_json_reply(text):
+    """``{"reason", "revised_response"}`` of a JSON reply (bare or in a code fence), or None."""
+    text = text.strip()
+    fenced = JSON_FENCE_RE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    if not text.startswith("{"):
         return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("revised_response"), str):
+        return None
+    reasoning = value.get("reasoning")
+    return {"reason": reasoning.strip() if isinstance(reasoning, str) else "",
+            "revised_response": value["revised_response"]}
+
+
+def parse_text_reply(text):
+    """``{"reason", "revised_response"}`` of a "Reasoning: ... Revised response: ..." reply,
+    or None when it has no "Revised response:" marker."""
     marker = REVISED_MARKER_RE.search(text)
     if marker is None:
-        return None
-    revised = text[marker.end():].strip()
-    if not revised:
         return None
     before = text[:marker.start()]
     reasoning = REASONING_MARKER_RE.search(before)
     reason = before[reasoning.end():] if reasoning else before
-    return {"reason": reason.strip(MARKUP_CHARS), "revised_response": revised}
+    return {"reason": reason.strip(MARKUP_CHARS), "revised_response": text[marker.end():]}
+
+
+def parse_revised_response(text):
+    """``{"reason", "revised_response"}`` from a reply in either layout (a JSON object, or
+    "Reasoning: ... Revised response: ..."), with a nested protocol block taken off the
+    response; None when the reply follows neither or leaves the response empty."""
+    if not text:
+        return None
+    parsed = parse_json_reply(text) or parse_text_reply(text)
+    if parsed is None:
+        return None
+    revised = strip_leading_protocol(parsed["revised_response"])
+    if not revised:
+        return None
+    return {"reason": parsed["reason"], "revised_response": revised}
 
 
 def choice_text(choice):
@@ -203,22 +252,29 @@ def choice_text(choice):
     return (content if isinstance(content, str) else None), choice.get("finish_reason")
 
 
-def usable_candidates(choices):
-    """Parse ``(content, finish_reason)`` pairs; return (usable candidates, Counter of problems).
+def judge_candidate(record, content, finish_reason):
+    """``(candidate or None, problems)``: the parsed candidate and the names of the checks
+    (realign/quality.py) it fails; a candidate cut off at the cap is not read further (its
+    end is missing), one that does not parse is ``unparsable``."""
+    if finish_reason == "length":
+        return None, [CUT_OFF]
+    parsed = parse_revised_response(content)
+    if parsed is None:
+        return None, [UNPARSABLE]
+    return parsed, check_record(record, parsed["revised_response"])
 
-    A candidate cut off at the token limit is dropped even when it parses: its end is missing.
-    """
-    candidates, problems = [], collections.Counter()
+
+def judge_candidates(record, choices):
+    """Judge ``(content, finish_reason)`` pairs: ``(passing candidates, [(content,
+    finish_reason, problems)] of the others)``."""
+    passing, rejected = [], []
     for content, finish_reason in choices:
-        if finish_reason == "length":
-            problems["cut off at --target_length"] += 1
-            continue
-        parsed = parse_revised_response(content)
-        if parsed is None:
-            problems["no 'Revised response:'"] += 1
-            continue
-        candidates.append(parsed)
-    return candidates, problems
+        candidate, problems = judge_candidate(record, content, finish_reason)
+        if problems:
+            rejected.append((content, finish_reason, problems))
+        else:
+            passing.append(candidate)
+    return passing, rejected
 
 
 def longest(lengths):
@@ -242,14 +298,32 @@ def passthrough(record, reason):
 
 
 def failed(record, error):
+    """The line of a record whose request got no answer: the original, ``status: failed``."""
     line = passthrough(record, f"not rewritten: {error}")
     line["status"] = "failed"
     line["error"] = error
     return line
 
 
+def rejected(record, tally):
+    """The line of a record none of whose candidates passed the checks: the original,
+    ``status: rejected``, and what the checks found (``tally``: see :func:`new_tally`)."""
+    line = passthrough(record, "kept the original: no candidate passed the checks "
+                               f"({describe_problems(tally['problems'])})")
+    line["status"] = "rejected"
+    line["candidate_checks"] = candidate_checks(tally)
+    return line
+
+
+def candidate_checks(tally):
+    """``{"candidates": n, "failing": k, "problems": {check: count}}``: what the checks found
+    among the candidates of a record, over its asks (a candidate may fail several checks)."""
+    return {"candidates": tally["candidates"], "failing": tally["failing"],
+            "problems": dict(tally["problems"].most_common())}
+
+
 def describe_problems(problems):
-    return ", ".join(f"{count} {what}" for what, count in problems.most_common())
+    return ", ".join(f"{what} {count}" for what, count in problems.most_common())
 
 
 def check_evidence(record, index, path):
@@ -371,20 +445,22 @@ def read_array_layout(output_directory):
 
 
 def read_batch_file(path):
-    """``{id: (fingerprint, failed)}`` of the last line of each id in the batch file."""
+    """``{id: (fingerprint, status)}`` of the last line of each id in the batch file
+    (status: "failed", "rejected", or None for a rewrite or a pass-through)."""
     lines = {}
     for entry in iter_progress(path):
         record_id = entry.get("id") if isinstance(entry, dict) else None
         if isinstance(record_id, bool) or not isinstance(record_id, (int, str)):
             continue
-        lines[record_id] = (entry.get("fingerprint"), entry.get("status") == "failed")
+        lines[record_id] = (entry.get("fingerprint"), entry.get("status"))
     return lines
 
 
 def is_done(line, fp, retry_failed):
-    """Whether a batch line ``(fingerprint, failed)`` still stands for a record whose
-    request now has fingerprint ``fp``."""
-    return line is not None and line[0] == fp and not (line[1] and retry_failed)
+    """Whether a batch line ``(fingerprint, status)`` still stands for a record whose
+    request now has fingerprint ``fp`` (``--retry_failed`` asks again for failed and
+    rejected ones)."""
+    return line is not None and line[0] == fp and not (line[1] in RETRIED_STATUSES and retry_failed)
 
 
 def rewrite_batch_file(path, keep_ids):
@@ -421,21 +497,36 @@ class Run:
         self.client = None  # set once there is something to send
         self.batch = None  # the Batch API mode, when it runs (for the summary line)
         self.writer = self.bar = None  # set by main while the batch file is open
+        self.unused = None  # UnusedReplies, set by main with the batch file
         self.stats = collections.Counter()
         self.stopper = Stopper()
         self.policy = RefusalPolicy(REFUSAL_HINT)
         self.finished = set()  # ids whose line this run wrote
 
     def plan(self, record):
-        """``(reason to pass through or None, messages or None, fingerprint)`` of a record."""
+        """``(reason to pass through or None, messages or None, fingerprint)`` of a record.
+
+        The fingerprint is of the request the flags ask for; the messages are in the text
+        layout once the server has refused ``response_format`` (``--reply_format json``
+        adapts to text for the rest of the run)."""
         reason = skip_reason(record)
         if reason is not None:
             return reason, None, fingerprint("passthrough", reason, record["items"][1]["value"])
-        messages = build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval)
+        asked = build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval, self.args.reply_format)
         # The whole request body but not the server's address: the same request through
         # another URL (a proxy, a moved server) still stands for the same line.
-        request = request_key(CHAT, Client.logical_chat(messages, self.sampling))
-        return None, messages, fingerprint("rewrite", request, self.length_unit, self.args.tokenizer_path)
+        request = request_key(CHAT, Client.logical_chat(asked, self.sampling))
+        fp = fingerprint("rewrite", request, self.length_unit, self.args.tokenizer_path)
+        layout = self.reply_layout()
+        if layout != self.args.reply_format:
+            return None, build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval, layout), fp
+        return None, asked, fp
+
+    def reply_layout(self):
+        """``--reply_format``, or "text" once the server refused the JSON schema."""
+        if self.client is not None and "response_format" in self.client.adapters[CHAT].dropped:
+            return "text"
+        return self.args.reply_format
 
     def to_rewrite(self, start, end, batch_lines, write_passthrough=False):
         """``(record, messages, fingerprint)`` of the chunk's records still to rewrite, in input
@@ -468,44 +559,65 @@ class Run:
         self.writer.write(line)
         self.finished.add(line["id"])
         self.bar.update(1)
-        self.stats[outcome or ("failed" if line.get("status") == "failed" else "rewritten")] += 1
+        self.stats[outcome or line.get("status") or "rewritten"] += 1
 
     def expected_output(self, record):
         """The completion tokens a request is expected to use: n x the original's length."""
         return self.sampling.n * max(1, int(estimate_tokens(record["items"][1]["value"])))
 
-    def line_from_reply(self, record, fp, reply):
-        """``(batch line, Counter of problems)`` of a reply: the usable candidates and the
-        longest of them, or None for the line when no candidate is usable."""
-        candidates, problems = usable_candidates(reply_choices(reply))
-        if not candidates:
-            return None, problems
+    def line_from_reply(self, record, fp, reply, tally=None):
+        """``(batch line or None, tally)`` of a reply: the candidates that pass the checks and
+        the longest of them, or None for the line when none passes. ``tally`` (from
+        :func:`new_tally`) adds up the candidates and their problems over a record's asks;
+        the replies not used are kept in the unused-replies file."""
+        tally = tally or new_tally()
+        choices = reply_choices(reply)
+        passing, failing = judge_candidates(record, choices)
+        tally["candidates"] += len(choices)
+        tally["failing"] += len(failing)
+        for content, finish_reason, problems in failing:
+            tally["problems"].update(problems)
+            self.stats.update(f"check {name}" for name in problems)
+            self.unused.keep(record["id"], fp, content, finish_reason, problems)
+        self.stats["candidates"] += len(choices)
+        self.stats["failing candidates"] += len(failing)
+        if not passing:
+            return None, tally
         best = 0
-        if len(candidates) > 1:
-            best = longest(self.count_lengths([c["revised_response"] for c in candidates]))
-        return with_fingerprint(with_revision(record, candidates, candidates[best]), fp), problems
+        if len(passing) > 1:
+            best = longest(self.count_lengths([c["revised_response"] for c in passing]))
+        line = with_revision(record, passing, passing[best])
+        line["candidate_checks"] = candidate_checks(tally)
+        return with_fingerprint(line, fp), tally
 
     @staticmethod
     def failed_line(record, fp, error):
         return with_fingerprint(failed(record, error), fp)
 
-    def unusable_line(self, record, fp, asks, problems):
-        return self.failed_line(record, fp, f"no usable candidate in {asks} requests ({describe_problems(problems)})")
+    @staticmethod
+    def rejected_line(record, fp, tally):
+        return with_fingerprint(rejected(record, tally), fp)
 
-    async def rewrite(self, record, asks=None, asked=0, problems=None):
+    def accepts(self, record):
+        """The cache's test of a reply to ``record``'s request: a candidate passes the checks
+        (only such replies are cached, so a re-ask sends a new request)."""
+        return lambda reply: bool(judge_candidates(record, reply_choices(reply))[0])
+
+    async def rewrite(self, record, asks=None, asked=0, tally=None):
         """Ask for the record's rewrite and write its line (or hold a refused one).
 
         ``asks`` requests at most (default: ``--max_parse_retries`` + 1); ``asked`` earlier
-        requests and their ``problems`` (the Batch API's rounds) count in the failure message."""
+        requests and their ``tally`` (the Batch API's rounds) count in the rejected line."""
         _, messages, fp = self.plan(record)
         expected = self.expected_output(record)
-        problems = collections.Counter(problems or {})
+        tally = tally or new_tally()
         asks = self.args.max_parse_retries + 1 if asks is None else asks
         for attempt in range(asks):
             if attempt or asked:
                 self.stats["reasks"] += 1
             try:
-                answer = await self.client.chat(messages, self.sampling, expected_output=expected, accept=is_usable)
+                answer = await self.client.chat(messages, self.sampling, expected_output=expected,
+                                                accept=self.accepts(record))
             except RetriesExhausted as e:
                 self.write(self.failed_line(record, fp, str(e)))
                 return
@@ -519,12 +631,11 @@ class Run:
             if not answer.cached:
                 for held in self.policy.success():
                     self.write(held)
-            line, new_problems = self.line_from_reply(record, fp, answer.reply)
-            problems.update(new_problems)
+            line, tally = self.line_from_reply(record, fp, answer.reply, tally)
             if line is not None:
                 self.write(line)
                 return
-        self.write(self.unusable_line(record, fp, asked + asks, problems))
+        self.write(self.rejected_line(record, fp, tally))
 
     def describe_client(self):
         """The client's part of the summary line (the Batch API's, in that mode)."""
@@ -533,9 +644,58 @@ class Run:
         return self.client.describe() if self.client is not None else "requests: 0"
 
 
-def is_usable(reply):
-    """Whether a reply holds a usable candidate (only those are cached)."""
-    return bool(usable_candidates(reply_choices(reply))[0])
+class UnusedReplies:
+    """The replies a run did not use (cut off, unparsable, or failing a check), each with
+    why, appended to a file beside the batch file until it holds ``max_bytes``; past that
+    they are only counted (a weak model can fail on most records)."""
+
+    def __init__(self, path, max_bytes=UNUSED_FILE_MAX_BYTES):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.writer = None
+        self.kept = self.dropped = 0
+
+    def keep(self, record_id, fp, content, finish_reason, problems):
+        if self.writer is None:
+            self.writer = ProgressWriter(self.path)
+        reply = content if isinstance(content, str) else None
+        entry = {"id": record_id, "fingerprint": fp, "problems": problems, "finish_reason": finish_reason,
+                 "reply": reply[:UNUSED_REPLY_MAX_CHARS] if reply is not None else None}
+        if reply is not None and len(reply) > UNUSED_REPLY_MAX_CHARS:
+            entry["reply_chars"] = len(reply)  # cut here; the whole length for the record
+        if self.writer.size + len(json.dumps(entry, ensure_ascii=False)) >= self.max_bytes:
+            if not self.dropped:
+                logger.warning("%s holds %d bytes: further unused replies are counted, not kept", self.path,
+                               self.writer.size)
+            self.dropped += 1
+            return
+        self.writer.write(entry)
+        self.kept += 1
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def describe_checks(stats, unused=None):
+    """``candidates: 12, failing a check: loop 2, leftover 1 (kept in <file>)`` for the summary."""
+    found = collections.Counter({name[len("check "):]: n for name, n in stats.items() if name.startswith("check ")})
+    text = (f"candidates: {stats['candidates']:,}, failing a check: {stats['failing candidates']:,}"
+            f"{' (' + describe_problems(found) + ')' if found else ''}")
+    if unused is not None and unused.kept:
+        text += f" (unused replies in {unused.path})"
+    return text
+
+
+def new_tally():
+    """What the checks found among a record's candidates, over its asks."""
+    return {"candidates": 0, "failing": 0, "problems": collections.Counter()}
 
 
 def reply_choices(reply):
@@ -592,9 +752,16 @@ def parse_args(argv=None):
                         help="let the model keep a response whose format does not suit the question; "
                              "--no-adaptive always reformats (forced mode, used for GSM8K and MATH) "
                              "(default: on)")
+    parser.add_argument("--reply_format", choices=REPLY_FORMAT_CHOICES, default=DEFAULT_REPLY_FORMAT,
+                        help="how the model lays out its reply: json (a JSON object of reasoning and revised "
+                             "response, its schema sent as response_format; a server that refuses it gets the "
+                             "text layout, with a warning) or text (\"Reasoning: ... Revised response: ...\") "
+                             f"(default: {DEFAULT_REPLY_FORMAT})")
     parser.add_argument("--max_parse_retries", type=non_negative_int, default=2,
-                        help="requests asked again when no candidate of a reply is usable; then the record "
-                             "is written as failed (default: 2)")
+                        help="requests asked again when no candidate of a reply passes the checks (cut off, "
+                             "unparsable, a loop, protocol leftovers, lost facts, a flipped verdict, ungrounded "
+                             "content); then the record keeps its original response, with the reasons "
+                             "(default: 2)")
     parser.add_argument("--retry_failed", action=argparse.BooleanOptionalAction, default=False,
                         help="ask again for the records the batch file holds as failed (default: off)")
     parser.add_argument("--usage_path", default=None,
@@ -622,6 +789,7 @@ def make_sampling(args):
     return Sampling(model=args.model, n=args.top_k, temperature=args.temperature, top_p=args.top_p,
                     max_output_tokens=args.target_length, reasoning_effort=effort,
                     service_tier=args.service_tier, extra_body=dict(args.extra_body or {}),
+                    response_format=REVISION_SCHEMA if args.reply_format == "json" else None,
                     effort_is_default=is_default)
 
 
@@ -659,7 +827,7 @@ def tally(plans, batch_lines, retry_failed):
         line = batch_lines.get(record_id)
         if is_done(line, fp, retry_failed):
             counts["done"] += 1
-            counts["old_failed"] += line[1]
+            counts["old_failed"] += line[1] == "failed"
             keep.add(record_id)
             continue
         if line is not None:
@@ -683,7 +851,7 @@ def main(argv=None) -> int:
     batch_id, batch_num, how, layout = resolve_chunk(args.dataset_batch_id, args.dataset_batch_num,
                                                      args.output_directory)
     args.dataset_batch_id, args.dataset_batch_num = batch_id, batch_num
-    path = batch_path(args.output_directory, batch_id, batch_num)
+    path = batch_file_path(args.output_directory, batch_id, batch_num)
     if args.batch_cancel:
         return asyncio.run(batch_api.cancel(args, resolve_api_key(args.openai_key, args.base_url), path))
     total = count_records(args.input_data_path)
@@ -737,6 +905,8 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
     started = time.perf_counter()
     try:
         with run.stopper.signals_handled(), ProgressWriter(path) as run.writer, \
+                UnusedReplies(unused_replies_path(args.output_directory, args.dataset_batch_id,
+                                          args.dataset_batch_num)) as run.unused, \
                 progress_bar(total=end - start, initial=counts["done"], unit="rec",
                              desc=f"chunk {args.dataset_batch_id}") as run.bar:
             asyncio.run(mode(args, run, start, end, batch_lines, api_key, price, counts["rewrite"]))
@@ -744,11 +914,13 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
         elapsed = time.perf_counter() - started
         stats = run.stats
         client_part = run.describe_client()
-        logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, rewritten: %d, passed through: "
-                    "%d, failed: %d, re-asks: %d, %s, %.1f s (%.1f records/s)",
-                    end - start, counts["done"], counts["stale"], stats["rewritten"], stats["passed"],
-                    stats["failed"], stats["reasks"], client_part, elapsed,
-                    (stats["rewritten"] + stats["failed"]) / elapsed if elapsed > 0 else 0.0)
+        asked = stats["rewritten"] + stats["rejected"] + stats["failed"]
+        logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, rewritten: %d, kept the original "
+                    "(no candidate passed the checks): %d, passed through: %d, failed: %d, re-asks: %d, %s, %s, "
+                    "%.1f s (%.1f records/s)",
+                    end - start, counts["done"], counts["stale"], stats["rewritten"], stats["rejected"],
+                    stats["passed"], stats["failed"], stats["reasks"], describe_checks(stats, run.unused),
+                    client_part, elapsed, asked / elapsed if elapsed > 0 else 0.0)
         write_usage(args, run)
     if run.stopper.reason == "signal":
         raise KeyboardInterrupt

@@ -46,16 +46,12 @@ from realign import (
     write_json_list_atomic,
 )
 from realign.lengths import load_length_counter
+from realign.quality import TEXT_CHECKS, find_problems, final_answer_kept, has_code, has_letter, last_number, numbers_in
 
 logger = logging.getLogger("rewrite_data_selection")
 
-CODE_FENCE_RE = re.compile(r"```[\s\S]*?```")
-# A number as answers write it: optional sign, thousands separators, decimals.
-NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 PLAN_RE = re.compile(r"\bplan(?:s|ned|ning|ner|ners)?\b", re.IGNORECASE)
 LEAKED_MARKER_RE = re.compile(r"revised\s+response", re.IGNORECASE)
-GSM8K_MARK = "####"
-BOXED = "\\boxed{"
 TRUE_FALSE = ("True", "False")
 
 ACCEPT, REJECT = "accept", "reject"
@@ -70,74 +66,6 @@ PRESETS = {
 }
 DEFAULT_PRESET = "open_platypus"  # the set the original code ran, plus the paper's exam rule
 RECORDS_PER_BATCH = 2048  # records per length-counting job (one job counts while the next batch is read)
-
-
-def has_code(text):
-    """A fenced block, or both ``def `` and ``return `` (the original's test)."""
-    return bool(CODE_FENCE_RE.search(text)) or ("def " in text and "return " in text)
-
-
-def has_letter(letter, text):
-    """Whether ``letter`` occurs in ``text`` with no letter or digit right next to it."""
-    return re.search(rf"(?<![^\W_]){re.escape(letter)}(?![^\W_])", text) is not None
-
-
-def normalize_number(number):
-    """``"1,200.50"`` -> ``"1200.5"``: the same value written the same way."""
-    number = number.replace(",", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return "0" if number in ("-0", "") else number
-
-
-def numbers_in(text):
-    return [normalize_number(n) for n in NUMBER_RE.findall(text)]
-
-
-def last_number(text):
-    numbers = numbers_in(text)
-    return numbers[-1] if numbers else None
-
-
-def gsm8k_answer(text):
-    """The answer after the last ``####`` (a normalized number when it is one), or None."""
-    at = text.rfind(GSM8K_MARK)
-    if at == -1:
-        return None
-    lines = text[at + len(GSM8K_MARK):].strip().splitlines()
-    tail = lines[0] if lines else ""
-    match = NUMBER_RE.search(tail)
-    return normalize_number(match.group()) if match else "".join(tail.split())
-
-
-def boxed_answer(text):
-    """The content of the last ``\\boxed{...}`` (nested braces included, spaces removed), or None."""
-    at = text.rfind(BOXED)
-    if at == -1:
-        return None
-    start, depth = at + len(BOXED), 1
-    for end in range(start, len(text)):
-        if text[end] == "{":
-            depth += 1
-        elif text[end] == "}":
-            depth -= 1
-            if depth == 0:
-                return "".join(text[start:end].split())
-    return None
-
-
-def final_answer_kept(original, rewrite):
-    """Whether the rewrite states the original's final answer (``####`` or ``\\boxed{}``).
-
-    A rewrite without ``####`` is read by its last number; without ``\\boxed{}`` it has
-    lost the answer. True when the original states no final answer.
-    """
-    if GSM8K_MARK in original:
-        expected = gsm8k_answer(original)
-        found = gsm8k_answer(rewrite) if GSM8K_MARK in rewrite else last_number(rewrite)
-        return found == expected
-    expected = boxed_answer(original)
-    return expected is None or boxed_answer(rewrite) == expected
 
 
 def exam_result_kept(original, rewrite):
@@ -206,14 +134,20 @@ TEXT_RULES = {
 }
 
 
-def judge_text(rules, question, category, original, rewrite):
-    """Run the rules that need no length, in order.
+def judge_text(rules, question, category, original, rewrite, evidence=(), quality=True):
+    """Run the rules that need no length, in order: the quality checks of realign/quality.py
+    first (with ``quality``; a rewrite that lost the original's answer is rejected before
+    any rule of the preset can accept it), then the preset's.
 
     Returns ``(True, None)`` to keep the rewrite, ``(False, rule)`` to keep the original,
     or ``(None, None)`` when the length rule must decide.
     """
     if rewrite == original:
         return False, "unchanged"
+    if quality:
+        problems = find_problems(rewrite, original, question, evidence, category)
+        if problems:
+            return False, problems[0]
     for name in rules:
         if name == "length":
             return None, None
@@ -225,12 +159,13 @@ def judge_text(rules, question, category, original, rewrite):
     return True, None
 
 
-def judge_texts(batch, rules):
+def judge_texts(batch, rules, quality=True):
     """Text-rule verdicts for ``[(record, rewrite)]``, and the indexes the length rule must decide."""
     verdicts, pending = [], []
     for record, rewrite in batch:
         items = record["items"]
-        verdict = judge_text(rules, items[0]["value"], items[0].get("category"), items[1]["value"], rewrite)
+        verdict = judge_text(rules, items[0]["value"], items[0].get("category"), items[1]["value"], rewrite,
+                             items[0].get("evidence") or (), quality)
         if verdict[0] is None:
             pending.append(len(verdicts))
         verdicts.append(verdict)
@@ -249,9 +184,9 @@ def apply_lengths(verdicts, pending, lengths, threshold):
     return verdicts
 
 
-def judge_batch(batch, rules, threshold, count_lengths):
+def judge_batch(batch, rules, threshold, count_lengths, quality=True):
     """``[(keep, rule)]`` for ``[(record, rewrite)]``, counting lengths once for the batch."""
-    verdicts, pending = judge_texts(batch, rules)
+    verdicts, pending = judge_texts(batch, rules, quality)
     if pending:
         apply_lengths(verdicts, pending, count_lengths(texts_to_count(batch, pending)), threshold)
     return verdicts
@@ -298,7 +233,7 @@ def tag_records(batch, verdicts, stats, keep_reasons):
 
 
 def select_records(records, rewrites, rules, threshold, count_lengths, stats, keep_reasons,
-                   rewrite_path, batch_size=RECORDS_PER_BATCH):
+                   rewrite_path, batch_size=RECORDS_PER_BATCH, quality=True):
     """Yield every original record tagged ``rewrite`` (with the merged response) or ``original``.
 
     Lengths of one batch are counted in a worker thread (tokenizers release the GIL) while
@@ -312,7 +247,7 @@ def select_records(records, rewrites, rules, threshold, count_lengths, stats, ke
     with ThreadPoolExecutor(max_workers=1) as pool:
         previous = None
         for batch in paired_batches(records, rewrites, rewrite_path, stats, batch_size):
-            verdicts, pending = judge_texts(batch, rules)
+            verdicts, pending = judge_texts(batch, rules, quality)
             lengths = pool.submit(count_lengths, texts_to_count(batch, pending)) if pending else None
             if previous is not None:
                 yield from finish(*previous)
@@ -326,8 +261,9 @@ def read_rewrites(path):
     return {record["id"]: record["items"][1]["value"] for record in iter_records(path, require_response=True)}
 
 
-def summary(stats, rules, unit):
-    reasons = ", ".join(f"{rule}: {stats[rule]}" for rule in ("unchanged", *rules) if rule != "true_false")
+def summary(stats, rules, unit, quality=True):
+    checks = TEXT_CHECKS if quality else ()
+    reasons = ", ".join(f"{rule}: {stats[rule]}" for rule in ("unchanged", *checks, *rules) if rule != "true_false")
     counted = f"; lengths in {unit}" if "length" in rules else ""
     return (f"#in: {stats['in']}, #rewrite: {stats['rewrite']}, #original: {stats['original']} "
             f"(rejected by {reasons}{counted})")
@@ -355,6 +291,9 @@ def parse_args(argv=None):
                              "without it lengths are counted in words")
     parser.add_argument("--length_threshold", type=parse_threshold, default=0.5,
                         help="reject a rewrite at most this many times the original's length (default 0.5)")
+    parser.add_argument("--quality_checks", action=argparse.BooleanOptionalAction, default=True,
+                        help="before the preset's rules, reject a rewrite that fails a quality check of "
+                             f"realign/quality.py ({', '.join(TEXT_CHECKS)}), whatever the preset (default: on)")
     parser.add_argument("--keep_reasons", action=argparse.BooleanOptionalAction, default=False,
                         help="add 'reject_reason' (the rule's name) to records tagged original")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
@@ -379,9 +318,9 @@ def main(argv=None) -> int:
     records = iter_records(args.input_original_data_path, require_response=True)
     write_json_list_atomic(args.output_path, select_records(
         records, rewrites, rules, args.length_threshold, count_lengths, stats, args.keep_reasons,
-        args.input_rewrite_data_path,
+        args.input_rewrite_data_path, quality=args.quality_checks,
     ))
-    logger.info("%s -> %s", summary(stats, rules, unit), args.output_path)
+    logger.info("%s -> %s", summary(stats, rules, unit, args.quality_checks), args.output_path)
     return 0
 
 

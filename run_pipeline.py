@@ -41,6 +41,7 @@ from classify import API_BACKENDS, BACKENDS
 from constant import DEFAULT_MODEL
 from realign import (
     FatalError,
+    batch_file_path,
     chunk_bounds,
     count_records,
     exits_cleanly,
@@ -256,7 +257,7 @@ def run_reformat(args, runner, input_path, out, budget):
     unsuccessful = [(batch_id, code, log_path) for batch_id, code, _, log_path in results if code]
     total = count_records(input_path) if unsuccessful else 0  # a 1M-record input is not read again for nothing
     for batch_id, code, log_path in unsuccessful:
-        batch_file = os.path.join(rewrite_dir, f"rewrite_data_{batch_id}_of_{args.num_processes}_batch.jsonl")
+        batch_file = batch_file_path(rewrite_dir, batch_id, args.num_processes)
         missing = missing_batch_ids(input_path, total, batch_file, args.num_processes, batch_id)
         if missing:
             crashed.append(f"{batch_id} (exit status {code}, {missing} records not done; see {log_path})")
@@ -356,8 +357,7 @@ def run_stages(args, runner, out):
                "--output_path", final, "--rules", args.rules, "--length_threshold", args.length_threshold]
     if args.tokenizer_path:
         command += ["--tokenizer_path", args.tokenizer_path]
-    if args.keep_reasons:
-        command.append("--keep_reasons")
+    command.append("--keep_reasons" if args.keep_reasons else "--no-keep_reasons")
     runner.run("filter", "rewrite_data_selection.py", command)
 
     if args.output_format != "realign":
@@ -371,6 +371,7 @@ def run_stages(args, runner, out):
     if args.evaluate:
         evaluation = os.path.join(out, "evaluation.json")
         command = ["--original_path", data_path, "--rewritten_path", final, "--output_path", evaluation,
+                   "--rewrite_directory", rewrite_dir,
                    "--report_path", os.path.join(out, "evaluation.md"),
                    "--plot_path", os.path.join(out, "evaluation.png")]
         if args.tokenizer_path:
@@ -458,7 +459,9 @@ def parse_args(argv=None):
     g.add_argument("--rules", default="open_platypus",
                    choices=["open_platypus", "alpaca", "no_robots", "gsm8k", "math", "none"], help="filter preset")
     g.add_argument("--length_threshold", type=float, default=0.5, help="reject rewrites at most this x original length")
-    g.add_argument("--keep_reasons", action="store_true", help="name the rule that rejected each rewrite")
+    g.add_argument("--keep_reasons", action=argparse.BooleanOptionalAction, default=True,
+                   help="name the rule or quality check that rejected each rewrite in final.json's reject_reason "
+                        "(default: on; the report counts them)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the result (share rewritten, lengths) into evaluation.json/.md/.png (default: on)")

@@ -694,7 +694,7 @@ class BatchMode:
             self.stats["fallback"] += 1
             asked = tried["unusable"]
             await self.run.rewrite(record, asks=max(1, args.max_parse_retries + 1 - asked), asked=asked,
-                                   problems=tried.get("problems"))
+                                   tally=self._tally(tried))
 
         await run_pool(items, ask, args.concurrency, self.stopper)
         for record, _ in items:
@@ -840,14 +840,22 @@ class BatchMode:
                     ", ".join(f"{n:,} {what}" for what, n in outcome.most_common()) or "no line still wanted")
 
     def _attempt(self, base):
-        return self.record.attempts.setdefault(base, {"sent": 0, "errors": 0, "unusable": 0, "problems": {}})
+        return self.record.attempts.setdefault(base, {"sent": 0, "errors": 0, "unusable": 0, "candidates": 0,
+                                                      "failing": 0, "problems": {}})
+
+    @staticmethod
+    def _tally(tried):
+        """What the checks found among a line's candidates in earlier rounds (reformat's tally)."""
+        return {"candidates": tried.get("candidates", 0), "failing": tried.get("failing", 0),
+                "problems": collections.Counter(tried.get("problems") or {})}
 
     def _answered(self, record, messages, fp, base, reply):
         run, client = self.run, self.run.client
         usage = reply.get("usage") or {}
         self.expected_completion += run.expected_output(record)
         self.actual_completion += int(usage.get("completion_tokens") or 0)
-        line, problems = run.line_from_reply(record, fp, reply)
+        tried = self._attempt(base)
+        line, tally = run.line_from_reply(record, fp, reply, self._tally(tried))
         if line is not None:
             if client.cache is not None:
                 client.cache.put(client.key(CHAT, Client.logical_chat(messages, run.sampling)), reply)
@@ -855,14 +863,14 @@ class BatchMode:
             self.record.attempts.pop(base, None)
             self.stats["answered"] += 1
             return "answered"
-        tried = self._attempt(base)
         tried["sent"] += 1
         tried["unusable"] += 1
-        tried["problems"] = dict(collections.Counter(tried["problems"]) + problems)
+        tried["candidates"], tried["failing"] = tally["candidates"], tally["failing"]
+        tried["problems"] = dict(tally["problems"])
         if tried["unusable"] > self.args.max_parse_retries:
-            run.write(run.unusable_line(record, fp, tried["unusable"], collections.Counter(tried["problems"])))
+            run.write(run.rejected_line(record, fp, tally))
             self.record.attempts.pop(base, None)
-            return "failed (no usable candidate)"
+            return "kept the original (no candidate passed the checks)"
         run.stats["reasks"] += 1
         return "to send again (no usable candidate)"
 

@@ -16,6 +16,7 @@ REFORMAT_USER_FIELDS = {
     "plain": {"question", "response", "format"},
     "evidence": {"question", "response", "format", "evidence"},
 }
+REPLY_FORMAT_NAMES = ("text", "json")  # reformat.py --reply_format
 JUDGE_USER_FIELDS = {
     "factuality": {"question", "reference", "answer"},
     "readability": {"question", "answer_a", "answer_b"},
@@ -60,7 +61,7 @@ def check_constants(module=None):
         import constant as module
 
     for name in ("TASK_DESCRIPTION", "TASK_GROUPS", "RAG_TASKS", "REWRITE_TASK", "STRUCTURE",
-                 "PROMPT_INPUT_FOR_TASK_CLS", "REFORMAT_PROMPTS", "JUDGE_PROMPTS"):
+                 "PROMPT_INPUT_FOR_TASK_CLS", "REFORMAT_PROMPTS", "REPLY_FORMATS", "JUDGE_PROMPTS"):
         if not hasattr(module, name):
             raise ConfigError(f"constant.py: {name} is missing")
 
@@ -104,6 +105,13 @@ def check_constants(module=None):
             where = f"REFORMAT_PROMPTS[{mode!r}][{variant!r}]"
             check_template(system, set(), f"{where}['system']")
             check_template(user, fields, f"{where}['user']")
+    for reply_format in REPLY_FORMAT_NAMES:
+        try:
+            system, user = module.REPLY_FORMATS[reply_format]["system"], module.REPLY_FORMATS[reply_format]["user"]
+        except (KeyError, TypeError):
+            raise ConfigError(f"constant.py: REPLY_FORMATS[{reply_format!r}] needs 'system' and 'user' texts") from None
+        check_template(system, set(), f"REPLY_FORMATS[{reply_format!r}]['system']")
+        check_template(user, set(), f"REPLY_FORMATS[{reply_format!r}]['user']")
     for judge, fields in JUDGE_USER_FIELDS.items():
         try:
             system, user = module.JUDGE_PROMPTS[judge]["system"], module.JUDGE_PROMPTS[judge]["user"]

@@ -79,9 +79,12 @@ class MeasureStats:
         self.kinds = bytearray()  # UNCHANGED, CHANGED or REWRITTEN, same order
         self.tags = Counter()
         self.reject_reasons = Counter()
+        self.checks = Counter()  # quality checks (realign/quality.py) the shipped responses fail
+        self.failing_checks = 0  # records whose shipped response fails one
 
-    def add(self, rate, rewritten, changed, length_before, length_after, tag=None, reject_reason=None):
-        """Count one record. ``tag`` None counts as ``"(none)"`` (a merged file has no tags)."""
+    def add(self, rate, rewritten, changed, length_before, length_after, tag=None, reject_reason=None, problems=()):
+        """Count one record. ``tag`` None counts as ``"(none)"`` (a merged file has no tags);
+        ``problems`` are the quality checks its response fails."""
         self.records += 1
         self.rewritten += bool(rewritten)
         self.changed += bool(changed)
@@ -92,6 +95,8 @@ class MeasureStats:
         self.tags["(none)" if tag is None else tag] += 1
         if reject_reason is not None:
             self.reject_reasons[reject_reason] += 1
+        self.checks.update(problems)
+        self.failing_checks += bool(problems)
 
     @classmethod
     def merged(cls, parts):
@@ -107,6 +112,8 @@ class MeasureStats:
             total.kinds.extend(part.kinds)
             total.tags.update(part.tags)
             total.reject_reasons.update(part.reject_reasons)
+            total.checks.update(part.checks)
+            total.failing_checks += part.failing_checks
         return total
 
     def ratios(self, kinds=(UNCHANGED, CHANGED, REWRITTEN)):
@@ -136,4 +143,6 @@ class MeasureStats:
             "ratio_distribution": distribution,
             "tags": dict(self.tags.most_common()),
             "reject_reasons": dict(self.reject_reasons.most_common()),
+            "checks": dict(self.checks.most_common()),
+            "failing_checks": self.failing_checks,
         }

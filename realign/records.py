@@ -28,6 +28,13 @@ import time
 logger = logging.getLogger(__name__)
 
 
+# The batch files of reformat.py, one per process: the one rule for their names.
+BATCH_FILE = "rewrite_data_{batch_id}_of_{batch_num}_batch.jsonl"
+BATCH_FILE_RE = re.compile(r"rewrite_data_(0|[1-9]\d*)_of_([1-9]\d*)_batch\.jsonl")
+UNUSED_REPLIES_FILE = "rewrite_data_{batch_id}_of_{batch_num}_unused_replies.jsonl"  # beside its batch file
+SHOWN_NAMES = 5  # how many other file names a log line lists
+
+
 class InputError(Exception):
     """Bad input: the message is one line naming the file, record and field."""
 
@@ -506,6 +513,11 @@ class ProgressWriter:
         if self.fsync:
             os.fsync(self._file.fileno())
 
+    @property
+    def size(self):
+        """Bytes in the file now."""
+        return self._file.seek(0, os.SEEK_END)
+
     def close(self):
         if not self._file.closed:
             self._file.close()
@@ -663,3 +675,50 @@ def chunk_bounds(n_records, batch_num, batch_id):
         raise ValueError(f"batch id {batch_id} is outside 0..{batch_num - 1}")
     k, m = divmod(n_records, batch_num)
     return batch_id * k + min(batch_id, m), (batch_id + 1) * k + min(batch_id + 1, m)
+
+
+def batch_file_path(directory, batch_id, batch_num):
+    """``<directory>/rewrite_data_{i}_of_{N}_batch.jsonl``: process ``batch_id``'s batch file."""
+    return os.path.join(directory, BATCH_FILE.format(batch_id=batch_id, batch_num=batch_num))
+
+
+def unused_replies_path(directory, batch_id, batch_num):
+    """The file of the replies process ``batch_id`` did not use, beside its batch file."""
+    return os.path.join(directory, UNUSED_REPLIES_FILE.format(batch_id=batch_id, batch_num=batch_num))
+
+
+def find_batch_files(directory):
+    """``(N, {batch_id: path})`` for the batch files of one run in ``directory``.
+
+    Other files are ignored; batch files of two different N are an error naming both.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        raise InputError(f"{directory}: directory not found") from None
+    except OSError as e:
+        raise InputError(f"{directory}: cannot list: {e}") from None
+    batches, first_of_n, ignored = {}, {}, []
+    for name in names:
+        match = BATCH_FILE_RE.fullmatch(name)
+        if not match or not os.path.isfile(os.path.join(directory, name)):
+            ignored.append(name)
+            continue
+        batch_id, batch_num = int(match.group(1)), int(match.group(2))
+        first_of_n.setdefault(batch_num, name)
+        if batch_id >= batch_num:
+            raise InputError(
+                f"{os.path.join(directory, name)}: batch id {batch_id} is not below the batch count {batch_num}"
+            )
+        batches[batch_id] = os.path.join(directory, name)
+    if len(first_of_n) > 1:
+        (n1, name1), (n2, name2) = sorted(first_of_n.items())[:2]
+        raise InputError(
+            f"{directory}: batch files of two runs, {name1} (N={n1}) and {name2} (N={n2}); "
+            "move the files of the stale run away"
+        )
+    if not first_of_n:
+        raise InputError(f"{directory}: no rewrite_data_{{i}}_of_{{N}}_batch.jsonl files (run reformat.py first)")
+    if ignored:
+        logger.info("ignoring %d other file(s) in %s: %s", len(ignored), directory, ", ".join(ignored[:SHOWN_NAMES]))
+    return next(iter(first_of_n)), batches

@@ -421,9 +421,14 @@ def find_original_response(text):
 
 
 def default_chat_reply(body, choice_index):
-    """Accept the format and echo the original response under REWRITE_HEADING."""
+    """Accept the format and echo the original response under REWRITE_HEADING: a JSON object
+    when the request asks for one by a JSON schema (reformat.py --reply_format json)."""
     user_texts = [_text(m.get("content")) for m in body["messages"] if m.get("role") == "user"]
     original = find_original_response(user_texts[-1] if user_texts else "")
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        return json.dumps({"reasoning": "The format fits the question.",
+                           "revised_response": f"{REWRITE_HEADING}\n\n{original}"})
     return ("Reasoning: The format fits the question.\n"
             f"Revised response: {REWRITE_HEADING}\n\n{original}")
 

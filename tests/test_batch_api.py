@@ -181,13 +181,13 @@ def test_lines_failing_past_the_bounds_are_written_as_failed(tmp_path, fake_open
                             "--max_parse_retries", "1")
     assert status == 1
     assert (lines[2]["status"], lines[2]["error"]) == ("failed", "failed after 3 attempts: HTTP 500")
-    assert (lines[4]["status"], lines[4]["error"]) == (
-        "failed", "no usable candidate in 2 requests (4 no 'Revised response:')")
+    assert (lines[4]["status"], lines[4]["candidate_checks"]) == (
+        "rejected", {"candidates": 4, "failing": 4, "problems": {"unparsable": 4}})
     assert revised(lines[4]) == "The answer of record 4."  # the original response, as online
     assert all("status" not in lines[i] for i in (0, 1, 3, 5))
     assert [batch_ids(fake_openai, n) for n in range(len(fake_openai.batches))] == [
         ["i:1", "i:2", "i:3", "i:4", "i:5"], ["i:2", "i:4"], ["i:2"]]
-    assert "failed: 2" in caplog.text
+    assert "kept the original (no candidate passed the checks): 1, passed through: 0, failed: 1" in caplog.text
 
 
 def test_an_expired_batch_keeps_its_completed_lines_and_sends_only_the_rest(tmp_path, fake_openai):
@@ -204,7 +204,7 @@ def test_an_expired_batch_keeps_its_completed_lines_and_sends_only_the_rest(tmp_
 
 
 def test_a_batch_refused_for_the_enqueued_token_limit_waits_for_the_running_ones(tmp_path, fake_openai):
-    fake_openai.batch_token_limit = 1300  # a line's prompt is about 200 tokens: two batches of 3 fit, not three
+    fake_openai.batch_token_limit = 1700  # a line's prompt is about 250 tokens: two batches of 3 fit, not three
     fake_openai.batch_seconds_per_line = 0.1
     t0 = time.time()  # the server's clock stands still until the third batch exists: however slow the
     fake_openai.clock = lambda: t0 if len(fake_openai.batches) < 3 else time.time()  # machine, 1 and 2 still run

@@ -87,7 +87,11 @@ def test_reformat_prompts_keep_the_output_protocol():
     for mode in ("adaptive", "forced"):
         for variant in ("plain", "evidence"):
             system = constant.REFORMAT_PROMPTS[mode][variant]["system"]
-            assert "Reasoning:" in system and "Revised response:" in system
+            assert "without any additional information" in system  # the original prompt's demand
+    text = constant.REPLY_FORMATS["text"]["system"]
+    assert "Reasoning:" in text and "Revised response:" in text
+    json_layout = constant.REPLY_FORMATS["json"]["system"]
+    assert '"reasoning"' in json_layout and '"revised_response"' in json_layout
     user = constant.REFORMAT_PROMPTS["adaptive"]["evidence"]["user"].format(
         question="Q?", response="R.", format="F", evidence="1. E"
     )

@@ -357,7 +357,8 @@ def test_main_end_to_end(tmp_path, caplog):
     caplog.set_level("INFO")
     assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--output_path", str(out),
                           "--report_path", str(report), "--plot_path", str(plot)]) == 0
-    line = "rewritten 40.0% (edit rate > 0.2) of 5; mean length 4.2 -> 4.8 words; changed 60.0%"
+    line = ("rewritten 40.0% (edit rate > 0.2) of 5; mean length 4.2 -> 4.8 words; changed 60.0%; "
+            "checks: 0 rewrites rejected by a check, 1 kept rewrites fail one")
     assert caplog.records[-1].getMessage().startswith(line)
     data = read_json(out)
     assert data["headline"] == line
@@ -379,6 +380,7 @@ def test_main_end_to_end(tmp_path, caplog):
     assert records[14] == {"id": 14, "task": "(none)", "edit_rate": 0.0, "rewritten": False, "changed": False,
                            "length_before": 0, "length_after": 0, "tag": "original", "reject_reason": "length"}
     assert records[13]["edit_rate"] == 1.0 and records[13]["rewritten"] is True
+    assert records[13]["checks"] == ["lost_answer"]  # "x y" became empty
     text = report.read_text(encoding="utf-8")
     assert f"**{line}**" in text
     assert "| open_qa | Conversation | 2 | 50.0% | 100.0% | 7.5 | 10.0 | 1.33 | 1.50 |" in text
@@ -545,7 +547,7 @@ def test_tokenizer_path_counts_lengths_in_tokens(tmp_path, tiny_tokenizer_dir):
     assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--output_path", str(out),
                           "--tokenizer_path", tiny_tokenizer_dir]) == 0
     data = read_json(out)
-    assert data["inputs"]["length_unit"] == "tokens" and data["headline"].endswith("tokens; changed 60.0%")
+    assert data["inputs"]["length_unit"] == "tokens" and "tokens; changed 60.0%; checks:" in data["headline"]
     record = next(r for r in data["records"] if r["id"] == 11)
     assert record["length_after"] == len(tokenizer(FINALS[1]["items"][1]["value"], add_special_tokens=False)["input_ids"])
     assert record["length_after"] != 10  # not the word count

@@ -12,7 +12,14 @@ import threading
 import time
 
 import pytest
-from realign.standins import MALFORMED_REPLY, REASONING, FakeOpenAIServer, default_chat_reply
+from realign.standins import (
+    ACCEPT_ALL,
+    MALFORMED_REPLY,
+    REASONING,
+    FakeOpenAIServer,
+    default_chat_reply,
+    find_original_response,
+)
 
 import constant
 import reformat
@@ -102,11 +109,28 @@ def test_parse_revised_response_rejects_replies_without_a_response(text):
     assert reformat.parse_revised_response(text) is None
 
 
-def test_usable_candidates_drop_cut_off_and_unparsed_ones():
-    candidates, problems = reformat.usable_candidates([
-        (reply("kept"), "stop"), (reply("cut off but parses"), "length"), (MALFORMED_REPLY, "stop"), (None, None)])
-    assert candidates == [{"reason": "The format fits.", "revised_response": "kept"}]
-    assert problems == {"cut off at --target_length": 1, "no 'Revised response:'": 2}
+@pytest.mark.parametrize("text, revised", [
+    ('{"reasoning": "fits", "revised_response": "The answer."}', "The answer."),
+    ('```json\n{"reasoning": "fits", "revised_response": "The answer."}\n```', "The answer."),
+    ("Revised response: Reasoning: fits\nRevised response: The answer.", "The answer."),
+    ('{"reasoning": "x", "revised_response": "Reasoning: fits\\nRevised response: The answer."}', "The answer."),
+    ("Reasoning: a\nRevised response: Revised response: The answer.", "The answer."),
+    ("Reasoning: a\nRevised response: Reasoning: no marker after it", "Reasoning: no marker after it"),
+])
+def test_parse_takes_json_and_a_nested_leading_protocol_block_off(text, revised):
+    assert reformat.parse_revised_response(text)["revised_response"] == revised
+
+
+def test_judge_candidates_reject_cut_off_unparsable_and_failing_ones():
+    kept = record(1)
+    passing, failing = reformat.judge_candidates(kept, [
+        (reply("**Answer**\n\nParis is the capital of France."), "stop"),
+        (reply("Paris is the capital of France, cut off"), "length"),
+        (MALFORMED_REPLY, "stop"), (None, None),
+        (reply("Lyon is the capital."), "stop")])
+    assert passing == [{"reason": "The format fits.", "revised_response": "**Answer**\n\nParis is the capital of France."}]
+    assert [problems for _, _, problems in failing] == [["cut_off"], ["unparsable"], ["unparsable"],
+                                                        ["lost_answer", "lost_name"]]
 
 
 def test_longest_keeps_the_first_on_a_tie():
@@ -115,23 +139,33 @@ def test_longest_keeps_the_first_on_a_tie():
     assert reformat.longest([1]) == 0
 
 
+def system_prompt(mode, variant, layout="text"):
+    return (constant.REFORMAT_PROMPTS[mode][variant]["system"].strip() + "\n\n"
+            + constant.REPLY_FORMATS[layout]["system"].strip())
+
+
 def test_messages_carry_the_format_and_evidence_only_when_there_is_some():
     plain = reformat.build_rewrite_messages(record(1, "fact_verification"))
-    assert plain[0] == {"role": "system", "content": constant.REFORMAT_PROMPTS["adaptive"]["plain"]["system"].strip()}
+    assert plain[0] == {"role": "system", "content": system_prompt("adaptive", "plain")}
+    assert plain[1]["content"].endswith(constant.REPLY_FORMATS["text"]["user"])
     assert constant.STRUCTURE["fact_verification"].strip() in plain[1]["content"]
     assert "Paris is the capital of France." in plain[1]["content"] and "Question number 1?" in plain[1]["content"]
     assert "[Evidence start]" not in plain[1]["content"]
 
     with_evidence = record(2, "open_qa", evidence=["First fact.", "Second fact."])
     messages = reformat.build_rewrite_messages(with_evidence)
-    assert messages[0]["content"] == constant.REFORMAT_PROMPTS["adaptive"]["evidence"]["system"].strip()
+    assert messages[0]["content"] == system_prompt("adaptive", "evidence")
     assert "[Evidence start]\n1. First fact.\n\n2. Second fact.\n[Evidence end]" in messages[1]["content"]
     assert "[Evidence start]" not in reformat.build_rewrite_messages(with_evidence, use_evidence=False)[1]["content"]
     assert "[Evidence start]" not in reformat.build_rewrite_messages(record(3, evidence=[]))[1]["content"]
 
     forced = reformat.build_rewrite_messages(with_evidence, adaptive=False)
-    assert forced[0]["content"] == constant.REFORMAT_PROMPTS["forced"]["evidence"]["system"].strip()
+    assert forced[0]["content"] == system_prompt("forced", "evidence")
     assert forced[0]["content"] != messages[0]["content"]
+
+    as_json = reformat.build_rewrite_messages(with_evidence, reply_format="json")
+    assert as_json[0]["content"] == system_prompt("adaptive", "evidence", "json")
+    assert as_json[1]["content"].endswith(constant.REPLY_FORMATS["json"]["user"])
 
 
 def test_skip_reasons():
@@ -169,7 +203,12 @@ def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
 
     # The same command without --model uses today's default model.
     few_words_many_tokens = "Zqxjvkw" * 12  # one word, dozens of tokens of the tiny tokenizer
-    fake_openai.chat_responder = lambda body, i: reply(["a b c d e", few_words_many_tokens][i])
+
+    def responder(body, i):
+        original = find_original_response(user_text_of(body))
+        return reply(original + "\n\n" + ["a b c d e f g h i", few_words_many_tokens][i])
+
+    fake_openai.chat_responder = responder
     with caplog.at_level(logging.DEBUG):
         status = reformat.main(seed_command(out, tiny_tokenizer_dir))
     assert status == 0
@@ -179,7 +218,7 @@ def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
     rewritten = [line for line in lines if line["items"][1]["revised_response_list"]]
     assert len(rewritten) == 3
     for line in rewritten:  # the tokenizer, not a word count, chose the longer candidate
-        assert line["items"][1]["revised_response"]["revised_response"] == few_words_many_tokens
+        assert line["items"][1]["revised_response"]["revised_response"].endswith("\n\n" + few_words_many_tokens)
     body = chats(fake_openai)[0].body
     assert {k: body[k] for k in ("model", "n", "temperature", "top_p", "max_completion_tokens",
                                  "reasoning_effort")} == {
@@ -192,7 +231,8 @@ def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
     shown = caplog.text + captured.out + captured.err + (out / "rewrite_data_0_of_10_batch.jsonl").read_text()
     assert KEY not in shown
     assert "prefer the environment variable OPENAI_API_KEY" in caplog.text
-    assert "rewritten: 3, passed through: 3, failed: 0" in caplog.text
+    assert "rewritten: 3, kept the original (no candidate passed the checks): 0, passed through: 3, failed: 0" \
+        in caplog.text
 
 
 def test_a_reasoning_model_gets_requests_it_accepts_and_no_record_fails(tmp_path, fake_openai, caplog):
@@ -210,6 +250,27 @@ def test_a_reasoning_model_gets_requests_it_accepts_and_no_record_fails(tmp_path
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("temperature=0.3 refused" in w for w in warnings) == 1  # adapted once, for the whole run
     assert "adaptations: temperature=0.3 refused" in caplog.text and "n=2 refused: 2 requests" in caplog.text
+
+
+def test_the_json_layout_adapts_once_to_text_where_the_server_refuses_the_schema(tmp_path, fake_openai, caplog):
+    fake_openai.profiles = {"*": dataclasses.replace(ACCEPT_ALL, unrecognized=("response_format",))}
+    records = [record(i) for i in range(4)]
+    with caplog.at_level(logging.INFO):
+        status, lines = run(tmp_path, fake_openai, records, "--concurrency", "1")
+    assert status == 0 and all("status" not in line for line in lines)
+    sent = [r.body for r in chats(fake_openai)]
+    assert len(sent) == 1 + 4  # one refusal, then every record once
+    assert sent[0]["response_format"] == reformat.REVISION_SCHEMA and sent[0]["messages"][0]["content"].endswith(
+        constant.REPLY_FORMATS["json"]["system"])
+    for body in sent[2:]:  # the records asked after the refusal: the text layout, no schema
+        assert "response_format" not in body
+        assert body["messages"][0]["content"].endswith(constant.REPLY_FORMATS["text"]["system"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("response_format" in w for w in warnings) == 1
+    # A rerun finds every line standing: the fingerprint is of the request the flags ask for.
+    fake_openai.requests.clear()
+    status, _ = run(tmp_path, fake_openai, records)
+    assert status == 0 and chats(fake_openai) == []
 
 
 def test_every_task_an_unknown_category_and_a_multi_turn_record_go_through(tmp_path, fake_openai, caplog):
@@ -236,7 +297,8 @@ def test_every_task_an_unknown_category_and_a_multi_turn_record_go_through(tmp_p
     assert "unknown categories: 'mystery_task' (1)" in caplog.text
     # The 57 examples hold 44 single-turn records of rewrite tasks (datasets/examples).
     assert len(chats(fake_openai)) == 44
-    assert "rewritten: 44, passed through: 14, failed: 0" in caplog.text
+    assert "rewritten: 44, kept the original (no candidate passed the checks): 0, passed through: 14, failed: 0" \
+        in caplog.text
 
 
 def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
@@ -250,8 +312,8 @@ def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
     assert "[Evidence start]" not in sent["Without evidence?"]["messages"][1]["content"]
     assert constant.STRUCTURE["email_generation"].strip() in sent["Write an email?"]["messages"][1]["content"]
     assert constant.STRUCTURE["open_qa"].strip() in sent["Without evidence?"]["messages"][1]["content"]
-    assert sent["With evidence?"]["messages"][0]["content"] == \
-        constant.REFORMAT_PROMPTS["adaptive"]["evidence"]["system"].strip()
+    assert sent["With evidence?"]["messages"][0]["content"] == system_prompt("adaptive", "evidence", "json")
+    assert sent["With evidence?"]["response_format"] == reformat.REVISION_SCHEMA
 
     fake_openai.requests.clear()
     (tmp_path / "forced").mkdir()
@@ -259,58 +321,73 @@ def test_requests_carry_format_evidence_and_mode(tmp_path, fake_openai):
     assert status == 0
     assert len(chats(fake_openai)) == 3
     for request in chats(fake_openai):
-        assert request.body["messages"][0]["content"] == constant.REFORMAT_PROMPTS["forced"]["plain"]["system"].strip()
+        assert request.body["messages"][0]["content"] == system_prompt("forced", "plain", "json")
         assert "[Evidence start]" not in user_text_of(request.body)
 
 
-def test_the_longest_usable_candidate_is_kept(tmp_path, fake_openai):
+PARIS = "Paris is the capital of France."  # the response of record()
+
+
+def test_the_longest_candidate_that_passes_the_checks_is_kept(tmp_path, fake_openai):
     def responder(body, i):
         question = user_text_of(body)
         if "tie" in question:
-            return reply(["same length one", "same length two"][i])
+            return reply([f"{PARIS} One.", f"{PARIS} Two."][i])
         if "malformed" in question:
-            return [MALFORMED_REPLY, reply("the good one")][i]
+            return [MALFORMED_REPLY, reply(f"{PARIS} The good one.")][i]
         if "truncated" in question:
-            return [reply("short but complete"), {"content": reply("much longer but cut off at the limit"),
+            return [reply(f"{PARIS} Complete."), {"content": reply(f"{PARIS} Much longer but cut off at the"),
                                                    "finish_reason": "length"}][i]
-        return reply(["short", "a much longer candidate"][i])
+        if "looping" in question:
+            return reply([f"{PARIS} Short.", f"{PARIS}\n" + "The city is the seat of the government.\n" * 6][i])
+        return reply([f"{PARIS} Short.", f"{PARIS} A much longer candidate."][i])
 
     fake_openai.chat_responder = responder
     records = [record(1, question="longest?"), record(2, question="tie?"), record(3, question="malformed?"),
-               record(4, question="truncated?")]
-    status, lines = run(tmp_path, fake_openai, records, "--top_k", "2")
+               record(4, question="truncated?"), record(5, question="looping?")]
+    status, lines = run(tmp_path, fake_openai, records, "--top_k", "2", "--reply_format", "text")
     assert status == 0
     chosen = {i: line["items"][1]["revised_response"]["revised_response"] for i, line in by_id(lines).items()}
-    assert chosen == {1: "a much longer candidate", 2: "same length one", 3: "the good one", 4: "short but complete"}
+    assert chosen == {1: f"{PARIS} A much longer candidate.", 2: f"{PARIS} One.", 3: f"{PARIS} The good one.",
+                      4: f"{PARIS} Complete.", 5: f"{PARIS} Short."}  # 5: the longer one loops
     listed = {i: len(line["items"][1]["revised_response_list"]) for i, line in by_id(lines).items()}
-    assert listed == {1: 2, 2: 2, 3: 1, 4: 1}
-    assert len(chats(fake_openai)) == 4  # one good candidate is enough: no re-ask
+    assert listed == {1: 2, 2: 2, 3: 1, 4: 1, 5: 1}
+    checks = {i: line["candidate_checks"] for i, line in by_id(lines).items()}
+    assert checks[5] == {"candidates": 2, "failing": 1, "problems": {"loop": 1}}
+    assert checks[4] == {"candidates": 2, "failing": 1, "problems": {"cut_off": 1}}
+    assert checks[1] == {"candidates": 2, "failing": 0, "problems": {}}
+    assert len(chats(fake_openai)) == 5  # one passing candidate is enough: no re-ask
+    unused = read_batch(tmp_path / "out" / "rewrite_data_0_of_1_unused_replies.jsonl")
+    assert sorted((entry["id"], entry["problems"]) for entry in unused) == [
+        (3, ["unparsable"]), (4, ["cut_off"]), (5, ["loop"])]
+    assert next(e for e in unused if e["id"] == 3)["reply"] == MALFORMED_REPLY
 
 
-def test_unusable_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fake_openai, caplog):
+def test_rejected_replies_are_asked_again_a_bounded_number_of_times(tmp_path, fake_openai, caplog):
     fake_openai.add_fault(kind="truncated", match=lambda body: "Cut?" in user_text_of(body))
     fake_openai.add_fault(kind="malformed", times=None, match=lambda body: "Bad?" in user_text_of(body))
     records = [record(1, question="Cut?"), record(2, question="Bad?"), record(3, question="Fine?")]
     with caplog.at_level(logging.INFO):
         status, lines = run(tmp_path, fake_openai, records, "--max_parse_retries", "2")
-    assert status == 1
+    assert status == 0  # a record whose candidates all failed the checks keeps its original: not a failure
     lines = by_id(lines)
     assert "status" not in lines[1] and lines[1]["items"][1]["revised_response_list"]
     bad = lines[2]
-    assert bad["status"] == "failed"
-    assert bad["error"] == "no usable candidate in 3 requests (6 no 'Revised response:')"
-    assert bad["items"][1]["revised_response"] == {"reason": f"not rewritten: {bad['error']}",
-                                                   "revised_response": records[1]["items"][1]["value"]}
+    assert bad["status"] == "rejected" and "error" not in bad
+    assert bad["candidate_checks"] == {"candidates": 6, "failing": 6, "problems": {"unparsable": 6}}
+    assert bad["items"][1]["revised_response"] == {
+        "reason": "kept the original: no candidate passed the checks (unparsable 6)",
+        "revised_response": records[1]["items"][1]["value"]}
     assert bad["items"][1]["revised_response_list"] == []
     assert bad["items"][1]["value"] == records[1]["items"][1]["value"]
     assert sum("Bad?" in user_text_of(r.body) for r in chats(fake_openai)) == 3
     assert len(chats(fake_openai)) == 2 + 3 + 1
-    assert "failed: 1" in caplog.text and "--retry_failed" in caplog.text
+    assert "kept the original (no candidate passed the checks): 1" in caplog.text
 
-    # A plain rerun asks nothing and still says that the file holds a failure.
+    # A plain rerun asks nothing.
     fake_openai.requests.clear()
     status, again = run(tmp_path, fake_openai, records)
-    assert status == 1 and chats(fake_openai) == [] and again == list(lines.values())
+    assert status == 0 and chats(fake_openai) == [] and again == list(lines.values())
 
     # --retry_failed asks again for exactly the failed record.
     fake_openai._faults.clear()

@@ -12,11 +12,12 @@ from realign import LengthCounter
 LONG = "Paris is the capital of France and its largest city by far."  # 12 words
 
 
-def judge(rules, original, rewrite, question="What is it?", category="open_qa"):
-    """(keep, rule) with lengths counted in words, as main does without a tokenizer."""
+def judge(rules, original, rewrite, question="What is it?", category="open_qa", quality=False):
+    """(keep, rule) with lengths counted in words, as main does without a tokenizer; the
+    quality checks only with ``quality`` (the paper's rules are tested alone)."""
     record = {"id": 1, "items": [{"from": "human", "value": question, "category": category},
                                  {"from": "gpt", "value": original}]}
-    return sel.judge_batch([(record, rewrite)], rules, 0.5, LengthCounter())[0]
+    return sel.judge_batch([(record, rewrite)], rules, 0.5, LengthCounter(), quality)[0]
 
 
 # -- single rules -------------------------------------------------------------------------
@@ -110,28 +111,6 @@ def test_exam_result_rule(original, rewrite, kept):
     assert sel._exam_result("q", "open_qa", original, rewrite) is None
 
 
-@pytest.mark.parametrize("original, rewrite, kept", [
-    ("She sold 48 / 2 = 24 clips.\n#### 72", "Step 1: ...\nTotal: 72 clips\n#### 72", True),
-    ("...\n#### 1,000", "... #### 1000", True),
-    ("...\n#### 72", "...\n#### 73", False),
-    ("...\n#### 72", "The answer is 72.", True),  # no marker: the last number
-    ("...\n#### 72", "The answer is 72, not 70.", False),
-    ("... so $x = \\boxed{\\frac{1}{2}}$.", "Hence $\\boxed{ \\frac{1}{2} }$", True),
-    ("$\\boxed{\\frac{1}{2}}$", "$\\boxed{\\frac{1}{3}}$", False),
-    ("$\\boxed{3}$ then $\\boxed{\\sqrt{2}}$", "$\\boxed{\\sqrt{2}}$", True),  # the last box
-    ("$\\boxed{\\sqrt{2}}$", "the answer is sqrt 2", False),  # the box was lost
-    ("No final answer here, 5 apples.", "Five apples.", True),
-])
-def test_final_answer_rule(original, rewrite, kept):
-    assert sel.final_answer_kept(original, rewrite) is kept
-
-
-def test_boxed_answer_handles_nested_and_unbalanced_braces():
-    assert sel.boxed_answer("a \\boxed{x^{2}+\\frac{1}{2}} b") == "x^{2}+\\frac{1}{2}"
-    assert sel.boxed_answer("\\boxed{x^{2}") is None
-    assert sel.boxed_answer("nothing") is None
-
-
 def test_length_boundary_is_rejected_at_exactly_the_threshold():
     original = " ".join(["w"] * 10)
     assert judge(("length",), original, "a b c d e") == (False, "length")  # 5 <= 0.5 * 10
@@ -169,6 +148,19 @@ CODE = "```python\nprint('hi')\n```"
 ])
 def test_presets(preset, original, rewrite, category, question, expected):
     assert judge(sel.PRESETS[preset], original, rewrite, question, category) == expected
+
+
+@pytest.mark.parametrize("preset", list(sel.PRESETS))
+def test_every_preset_runs_the_quality_checks_first_and_names_the_check(preset):
+    # The paper's true/false rule accepts every rewrite of a True original: not one that says "false".
+    assert judge(sel.PRESETS[preset], "True", "The claim is false.", "Is it true?", "fact_verification",
+                 quality=True) == (False, "flipped_verdict")
+    looping = LONG + "\n" + "The city lies on the Seine river.\n" * 4
+    assert judge(sel.PRESETS[preset], LONG, looping, quality=True) == (False, "loop")
+    assert judge(sel.PRESETS[preset], LONG, "This revised response follows the target format. " + LONG,
+                 quality=True) == (False, "leftover")
+    kept = judge(sel.PRESETS[preset], LONG, "**Answer**\n\n" + LONG, quality=True)
+    assert kept == judge(sel.PRESETS[preset], LONG, "**Answer**\n\n" + LONG)  # a rewrite that keeps its content
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -222,18 +214,21 @@ def test_main_tags_every_record_in_original_order_paired_by_id(tmp_path, caplog)
         code, out = run(tmp_path, "--keep_reasons")
     assert code == 0
     final = json.loads(out.read_text(encoding="utf-8"))
+    # The quality checks come first and name what the rewrite lost: "Paris." lost France,
+    # the other one the code (without the checks, the length and code rules reject them).
     assert [(r["id"], r["tag"], r.get("reject_reason")) for r in final] == [
-        (3, "rewrite", None), ("x-7", "original", "length"), (10, "original", "code"),
+        (3, "rewrite", None), ("x-7", "original", "lost_name"), (10, "original", "lost_code"),
         (11, "original", "unchanged"), (25, "rewrite", None)]
     assert final[0]["items"][1]["value"] == REWRITES[3]
     assert final[1]["items"] == ORIGINALS[1]["items"]
-    assert ("#in: 5, #rewrite: 2, #original: 3 (rejected by unchanged: 1, single_letter: 0, exam_result: 0, "
-            "code: 1, length: 1; lengths in words)") in caplog.text
+    assert ("#in: 5, #rewrite: 2, #original: 3 (rejected by unchanged: 1, loop: 0, leftover: 0, flipped_verdict: 0, "
+            "lost_answer: 0, lost_number: 0, lost_code: 1, lost_name: 1, ungrounded: 0, single_letter: 0, "
+            "exam_result: 0, code: 0, length: 0; lengths in words)") in caplog.text
     assert caplog.text.count("lengths are counted in words") == 1
 
 
 def test_main_without_keep_reasons_adds_only_the_tag(tmp_path):
-    code, out = run(tmp_path, "--rules", "none")
+    code, out = run(tmp_path, "--rules", "none", "--no-quality_checks")
     assert code == 0
     final = json.loads(out.read_text(encoding="utf-8"))
     assert [r["tag"] for r in final] == ["rewrite", "rewrite", "rewrite", "original", "rewrite"]
@@ -241,7 +236,7 @@ def test_main_without_keep_reasons_adds_only_the_tag(tmp_path):
 
 
 def test_length_threshold_flag(tmp_path):
-    code, out = run(tmp_path, "--length_threshold", "0.05", "--rules", "alpaca")
+    code, out = run(tmp_path, "--length_threshold", "0.05", "--rules", "alpaca", "--no-quality_checks")
     assert code == 0
     assert [r["tag"] for r in json.loads(out.read_text())][1] == "rewrite"  # 1 word > 0.05 * 12
 
@@ -285,7 +280,7 @@ def test_each_preset_through_main(tmp_path, caplog, preset):
     originals = [record(i, q, o, c) for i, c, q, o, _ in PRESET_RECORDS]
     rewrites = {i: r for i, _, _, _, r in PRESET_RECORDS}
     with caplog.at_level(logging.INFO):
-        code, out = run(tmp_path, "--rules", preset, "--keep_reasons", originals=originals,
+        code, out = run(tmp_path, "--rules", preset, "--keep_reasons", "--no-quality_checks", originals=originals,
                         merged_records=merged(originals, rewrites))
     assert code == 0
     reasons, summary = PRESET_VERDICTS[preset]
@@ -297,7 +292,7 @@ def test_each_preset_through_main(tmp_path, caplog, preset):
 
 def test_the_default_preset_is_open_platypus(tmp_path):
     originals = [record(i, q, o, c) for i, c, q, o, _ in PRESET_RECORDS]
-    code, out = run(tmp_path, "--keep_reasons", originals=originals,
+    code, out = run(tmp_path, "--keep_reasons", "--no-quality_checks", originals=originals,
                     merged_records=merged(originals, {i: r for i, _, _, _, r in PRESET_RECORDS}))
     assert code == 0
     assert [r.get("reject_reason") for r in json.loads(out.read_text())] == PRESET_VERDICTS["open_platypus"][0]
@@ -309,12 +304,12 @@ def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tiny_tokenizer_dir, caplog
     rewrites = {1: "zq zq", 2: "one, two, three and four"}
     merged_records = merged(originals, rewrites)
     with caplog.at_level(logging.INFO):
-        code, out = run(tmp_path, "--keep_reasons", "--tokenizer_path", tiny_tokenizer_dir,
+        code, out = run(tmp_path, "--keep_reasons", "--no-quality_checks", "--tokenizer_path", tiny_tokenizer_dir,
                         originals=originals, merged_records=merged_records)
     assert code == 0
     assert [r["tag"] for r in json.loads(out.read_text())] == ["original", "rewrite"]
     assert "lengths in tokens" in caplog.text and "counted in words" not in caplog.text
-    code, out = run(tmp_path, originals=originals, merged_records=merged_records)
+    code, out = run(tmp_path, "--no-quality_checks", originals=originals, merged_records=merged_records)
     assert [r["tag"] for r in json.loads(out.read_text())] == ["rewrite", "rewrite"]  # 2 words > 0.5 * 1
 
 

@@ -1,0 +1,450 @@
+"""Checks that a rewrite kept its original's content: small pure functions, one per problem.
+
+A rewrite may only change the format of a response (SPEC §4). A weak model breaks that in
+a few recognisable ways, each caught here by one function on literal text:
+
+- ``cut_off``: the reply ran into the output cap (its end is missing);
+- ``unparsable``: the reply did not follow the reply protocol;
+- ``loop``: the same line or sentence again and again (a repetition loop);
+- ``leftover``: the reply protocol ("Reasoning:", "Revised response:") or talk about the
+  task ("this revised response follows the target format") inside the response;
+- ``flipped_verdict``: a true/false, yes/no or letter answer turned into another one;
+- ``lost_answer``: the original's final answer is missing (``####``, ``\\boxed{}``, "the
+  answer is X", a math task's result, or the whole of a short original);
+- ``lost_number``: a number of the original is missing (list numbering aside);
+- ``lost_code``: a line of the original's code is missing;
+- ``lost_name``: a name of the original (a capitalised word inside a sentence) is missing;
+- ``ungrounded``: much content that neither the question, the original nor the evidence
+  holds.
+
+:func:`find_problems` runs them all and returns the names of the ones that failed, in the
+order of :data:`CHECKS`. reformat.py uses it to choose among candidates, the filter
+(rewrite_data_selection.py) as rules, evaluate.py to count; so one definition decides
+everywhere.
+"""
+
+import re
+
+# Names of the checks, in the order they are reported.
+CUT_OFF = "cut_off"
+UNPARSABLE = "unparsable"
+CHECKS = (CUT_OFF, UNPARSABLE, "loop", "leftover", "flipped_verdict", "lost_answer", "lost_number", "lost_code",
+          "lost_name", "ungrounded")
+TEXT_CHECKS = CHECKS[2:]  # those that read only texts (the filter and evaluate run these)
+
+ANSWER_TASKS = ("math_puzzles", "exam_problem_solving_tutor")  # tasks whose response ends in a result
+LOOP_MIN_REPEATS = 3  # a line or sentence this many times (and more often than in the original)
+LOOP_MIN_WORDS = 3  # shorter lines (headings, "Mars") may repeat legitimately
+LOOP_NGRAM = 6
+LOOP_MIN_TEXT_WORDS = 60
+LOOP_REPEATED_SHARE = 0.35  # share of repeated 6-word sequences that marks a loop without line breaks
+SHORT_ORIGINAL_WORDS = 8  # an original this short is its answer: the rewrite must hold all of it
+UNGROUNDED_MIN_WORDS = 30  # new content words (repeats counted) before a rewrite counts as ungrounded
+UNGROUNDED_MIN_ORIGINAL = 20  # content words of an original below which the check does not apply
+
+CODE_FENCE_RE = re.compile(r"```[^\n`]*\n?([\s\S]*?)```")
+# A number as answers write it: thousands separators, decimals; not glued to a preceding letter
+# (CO2, x86, H2O are names) and with a minus only where it is not a range's dash (3-5).
+NUMBER_RE = re.compile(r"(?<![A-Za-z_\d.,])(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?")
+LIST_NUMBER_RE = re.compile(r"^[ \t>*_#-]*\(?\d+[.)](?=\s)", re.MULTILINE)  # "1. ", "2) ": list numbering
+WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+MARKUP_RE = re.compile(r"[*_`#>|]+")
+REASONING_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*reasoning[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
+                                 re.IGNORECASE)
+# "Revised response:" as models write it: any case, optionally wrapped in markdown emphasis
+# ("**Revised response:**", "__Revised Response__:"). The closing emphasis must match the
+# opening one, so the "**" of a response that starts with bold text is left alone.
+REVISED_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*revised[ \t]+response[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
+                               re.IGNORECASE)
+# Talk about the task instead of the answer: the prompt's own words coming back.
+TASK_TALK_RE = re.compile(
+    r"\b(?:target|required|requested|specified|desired|given|new) (?:format|structure)\b"
+    r"|\b(?:revised|reformatted|rewritten|original) (?:response|answer)\b"
+    r"|\bfollows? the (?:\w+ )?format\b"
+    r"|\bchange only the format\b"
+    r"|\[(?:question|original response|target format|evidence) (?:start|end)\]",
+    re.IGNORECASE)
+ANSWER_IS_RE = re.compile(r"\b(?:the (?:final |correct )?answer is|answer:)\s*(?P<answer>[^\n.;!?]{1,40})",
+                          re.IGNORECASE)
+GSM8K_MARK = "####"
+BOXED = "\\boxed{"
+# Verdicts: a word of one side, first in the original, must stay on that side in the rewrite.
+AFFIRMATIVE = frozenset({"true", "yes", "correct"})
+NEGATIVE = frozenset({"false", "no", "incorrect"})
+NEGATION_RE = re.compile(r"\b(?:not|isn't|is not|aren't|never)\s+(?:\w+\s+)?$", re.IGNORECASE)
+# A letter answer: "B", "(B)", "B.", "B) 23", "Answer: B" (a capital letter: "a" is a word).
+LETTER_ANSWER_RE = re.compile(r"^\s*(?i:the answer is|answer:)?\s*\(?([A-E])(?:[.):]|$)")
+CHOICE_MENTION_RE = re.compile(r"\b(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\b(?![\w'])")
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                "sixteen seventeen eighteen nineteen twenty").split()
+ORDINAL_WORDS = "zeroth first second third fourth fifth sixth seventh eighth ninth tenth".split()
+# Words a format adds around kept content (headings, connectives): never "new content".
+FORMAT_WORDS = frozenset("""
+    analysis analyse analyze analysing analyzing answer answers brief briefly conclusion conclude conclusions
+    explanation explanations explain explains explained step steps solution solutions summary overall final result
+    results question questions problem problems detail details detailed point points following follow follows
+    first second third fourth fifth finally next then also therefore thus hence here below above list item items
+    key main important note notes approach section sections structure structured example examples response
+    introduction purpose subject dear regards sincerely best thank thanks closing signature attachment attachments
+    recommendation recommendations plan goal goals timeline phase phases day days week weeks translation
+    change changes changed reason reasons correction corrections corrected polished rewritten verdict judgement
+    judgment claim statement code comment comments function output input value values text passage given based
+""".split())
+STOPWORDS = frozenset("""
+    a an the and or but if of to in on at by for with from as is are was were be been being it its this that these
+    those there their they them he she his her him we our you your i me my mine not no so than too very can could
+    would should will shall may might must do does did done have has had having into onto over under about after
+    before between through during out up down off again more most other some such only own same just both each
+    few all any how what which who whom whose why when where while because until upon also yet nor per via whether
+""".split())
+
+
+# -- text helpers --------------------------------------------------------------------------
+
+
+def normalize_number(number):
+    """``"1,200.50"`` -> ``"1200.5"``, ``"007"`` -> ``"7"``: the same value written one way."""
+    number = number.replace(",", "")
+    negative = number.startswith("-")
+    number = number.lstrip("-")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    whole, dot, fraction = number.partition(".")
+    whole = whole.lstrip("0") or "0"
+    number = whole + (dot + fraction if fraction else "")
+    return "-" + number if negative and number != "0" else number
+
+
+def numbers_in(text):
+    """The numbers of ``text``, normalized, in order."""
+    return [normalize_number(n) for n in NUMBER_RE.findall(text)]
+
+
+def last_number(text):
+    numbers = numbers_in(text)
+    return numbers[-1] if numbers else None
+
+
+def without_list_numbers(text):
+    """``text`` with the numbering of list items ("1. ", "2) ") taken out."""
+    return LIST_NUMBER_RE.sub("", text)
+
+
+def words_of(text):
+    return [word.lower() for word in WORD_RE.findall(text)]
+
+
+def has_code(text):
+    """A fenced block, or both ``def `` and ``return `` (the original implementation's test)."""
+    return bool(CODE_FENCE_RE.search(text)) or ("def " in text and "return " in text)
+
+
+def code_blocks(text):
+    return [match.group(1) for match in CODE_FENCE_RE.finditer(text)]
+
+
+def has_letter(letter, text):
+    """Whether ``letter`` occurs in ``text`` with no letter or digit right next to it."""
+    return re.search(rf"(?<![^\W_]){re.escape(letter)}(?![^\W_])", text) is not None
+
+
+def gsm8k_answer(text):
+    """The answer after the last ``####`` (a normalized number when it is one), or None."""
+    at = text.rfind(GSM8K_MARK)
+    if at == -1:
+        return None
+    lines = text[at + len(GSM8K_MARK):].strip().splitlines()
+    tail = lines[0] if lines else ""
+    match = NUMBER_RE.search(tail)
+    return normalize_number(match.group()) if match else "".join(tail.split())
+
+
+def boxed_answer(text):
+    """The content of the last ``\\boxed{...}`` (nested braces included, spaces removed), or None."""
+    at = text.rfind(BOXED)
+    if at == -1:
+        return None
+    start, depth = at + len(BOXED), 1
+    for end in range(start, len(text)):
+        if text[end] == "{":
+            depth += 1
+        elif text[end] == "}":
+            depth -= 1
+            if depth == 0:
+                return "".join(text[start:end].split())
+    return None
+
+
+def final_answer_kept(original, rewrite):
+    """Whether the rewrite states the original's final answer (``####`` or ``\\boxed{}``).
+
+    A rewrite without ``####`` is read by its last number; without ``\\boxed{}`` it has
+    lost the answer. True when the original states no such final answer.
+    """
+    if GSM8K_MARK in original:
+        expected = gsm8k_answer(original)
+        found = gsm8k_answer(rewrite) if GSM8K_MARK in rewrite else last_number(rewrite)
+        return found == expected
+    expected = boxed_answer(original)
+    return expected is None or boxed_answer(rewrite) == expected
+
+
+def _unit(text):
+    """A line or sentence as a comparable unit: no markup, list numbering or case."""
+    return " ".join(MARKUP_RE.sub(" ", without_list_numbers(text)).lower().split()).strip(" .,:;-")
+
+
+def repeated_units(text):
+    """The most times any line or sentence of at least :data:`LOOP_MIN_WORDS` words occurs."""
+    counts = {}
+    for piece in SENTENCE_SPLIT_RE.split(text):
+        unit = _unit(piece)
+        if len(unit.split()) >= LOOP_MIN_WORDS:
+            counts[unit] = counts.get(unit, 0) + 1
+    return max(counts.values(), default=0), counts
+
+
+def repeated_ngram_share(words, n=LOOP_NGRAM):
+    """The share of ``n``-word sequences that repeat an earlier one (0 for short texts)."""
+    if len(words) < 2 * n:
+        return 0.0
+    seen, repeats = set(), 0
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            repeats += 1
+        seen.add(gram)
+    return repeats / (len(words) - n + 1)
+
+
+def stem(word):
+    """A crude English stem so that "plants" meets "plant" and "gives" meets "give"."""
+    if word.endswith("'s"):
+        word = word[:-2]
+    for suffix in ("ing", "ed", "es", "s", "ly", "e"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[:-len(suffix)]
+    return word
+
+
+def content_words(text):
+    """The stems of the words of ``text`` that carry content (no stop words, no format
+    words), in order, repeats included."""
+    return [stem(w) for w in words_of(text) if len(w) >= 3 and w not in STOPWORDS and w not in FORMAT_WORDS]
+
+
+def is_sentence_start(text, at):
+    """Whether position ``at`` of ``text`` starts a sentence, a line or a list item."""
+    before = text[:at].rstrip(" \t\"'“‘«([*_#>-")
+    before = re.sub(r"(?:^|\n)[ \t]*\d+[.)]$", "\n", before)  # after "1. " a list item starts
+    return not before or before[-1] in ".!?:\n"
+
+
+NAME_RE = re.compile(r"\b(?:[A-Z][a-z]+(?:[A-Z][a-z]+)*|[A-Z]{2,6})\b")
+
+
+def names_in(text):
+    """Capitalised words inside sentences (proper names) and short acronyms of ``text``."""
+    names = set()
+    for match in NAME_RE.finditer(text):
+        if match.group().isupper() or not is_sentence_start(text, match.start()):
+            names.add(match.group())
+    return names
+
+
+# -- the checks ------------------------------------------------------------------------------
+# Each takes the rewrite first and returns something true when the rewrite fails it.
+
+
+def has_loop(rewrite, original=""):
+    """A line or sentence repeated :data:`LOOP_MIN_REPEATS` times or more (more often than
+    in the original), or a long text whose 6-word sequences mostly repeat."""
+    most, counts = repeated_units(rewrite)
+    if most >= LOOP_MIN_REPEATS:
+        _, original_counts = repeated_units(original)
+        if any(n >= LOOP_MIN_REPEATS and n > original_counts.get(unit, 0) for unit, n in counts.items()):
+            return True
+    words = words_of(rewrite)
+    if len(words) < LOOP_MIN_TEXT_WORDS:
+        return False
+    share = repeated_ngram_share(words)
+    return share >= LOOP_REPEATED_SHARE and share > repeated_ngram_share(words_of(original)) + 0.15
+
+
+def protocol_leftover(rewrite, original="", question=""):
+    """The reply protocol's markers, or the prompt's talk about the task, in the rewrite
+    (and in neither the original nor the question): the matched text, else None."""
+    source = f"{question}\n{original}"
+    for pattern in (REASONING_MARKER_RE, REVISED_MARKER_RE, TASK_TALK_RE):
+        for match in pattern.finditer(rewrite):
+            words = match.group().strip("*_ :").lower()
+            if words and words not in source.lower():
+                return match.group().strip()
+    return None
+
+
+def lost_numbers(rewrite, original):
+    """The original's numbers (list numbering aside) that the rewrite does not hold; a small
+    integer may be written as a word ("three", "third")."""
+    kept = set(numbers_in(rewrite))
+    words = set(words_of(rewrite))
+    lost = []
+    for number in dict.fromkeys(numbers_in(without_list_numbers(original))):
+        if number in kept:
+            continue
+        if number.isdigit() and int(number) < len(NUMBER_WORDS) and (
+                NUMBER_WORDS[int(number)] in words
+                or (int(number) < len(ORDINAL_WORDS) and ORDINAL_WORDS[int(number)] in words)):
+            continue
+        lost.append(number)
+    return lost
+
+
+def _plain(text):
+    return " ".join(words_of(text) + [n for n in numbers_in(text)])
+
+
+def _in_order(needles, haystack):
+    """Whether the words ``needles`` occur in ``haystack`` in this order (others may come between)."""
+    position = 0
+    for word in needles:
+        try:
+            position = haystack.index(word, position) + 1
+        except ValueError:
+            return False
+    return True
+
+
+def lost_answer(rewrite, original, category=None):
+    """The original's final answer when the rewrite does not hold it, else None: its
+    ``####`` / ``\\boxed{}`` answer, the X of "the answer is X", the last number of a math
+    task, or every word of a short original, in its order."""
+    if (GSM8K_MARK in original or BOXED in original) and not final_answer_kept(original, rewrite):
+        return gsm8k_answer(original) if GSM8K_MARK in original else boxed_answer(original)
+    rewrite_tokens = words_of(rewrite) + numbers_in(rewrite)
+    stated = ANSWER_IS_RE.search(original)
+    if stated:
+        expected = words_of(stated.group("answer")) + numbers_in(stated.group("answer"))
+        if expected and not all(token in rewrite_tokens for token in expected):
+            return stated.group("answer").strip()
+    if category in ANSWER_TASKS:
+        result = last_number(original)
+        if result is not None and result not in numbers_in(rewrite):
+            return result
+    if has_code(original):
+        return None  # code is lost_code's
+    tokens = re.findall(r"[^\W_]+", original.lower())
+    if 1 < len(tokens) <= SHORT_ORIGINAL_WORDS or (len(tokens) == 1 and len(tokens[0]) > 1):
+        if not _in_order(tokens, re.findall(r"[^\W_]+", rewrite.lower())):
+            return original.strip()
+    return None
+
+
+def _code_lines(code):
+    """The lines of a code block that carry code: no blank or comment-only lines, spaces collapsed."""
+    lines = []
+    for line in code.splitlines():
+        line = " ".join(line.split())
+        if line and not line.startswith(("#", "//", "--", "/*", "*")):
+            lines.append(line)
+    return lines
+
+
+def lost_code(rewrite, original):
+    """The first line of the original's code that the rewrite's code does not hold; the
+    first words of the original's code when the rewrite has none at all; else None."""
+    if has_code(original) and not has_code(rewrite):
+        return original.strip().splitlines()[0][:60] if original.strip() else "code"
+    kept = " ".join(rewrite.split())
+    for block in code_blocks(original):
+        for line in _code_lines(block):
+            if line not in kept:
+                return line
+    return None
+
+
+def lost_names(rewrite, original):
+    """The original's names (capitalised inside a sentence, or acronyms) missing from the rewrite."""
+    present = set(re.findall(r"[^\W_]+", rewrite))
+    return sorted(name for name in names_in(original) if name not in present)
+
+
+def _verdict_side(word):
+    return "affirmative" if word in AFFIRMATIVE else "negative" if word in NEGATIVE else None
+
+
+def first_verdict(text):
+    """"affirmative" or "negative" of the first verdict word of ``text`` (a "not" before it
+    turns it round), or None."""
+    for match in re.finditer(r"[^\W\d_]+", text):
+        side = _verdict_side(match.group().lower())
+        if side is None:
+            continue
+        if NEGATION_RE.search(text[max(0, match.start() - 20):match.start()]):
+            side = "negative" if side == "affirmative" else "affirmative"
+        return side
+    return None
+
+
+def flipped_verdict(rewrite, original):
+    """The original's verdict when the rewrite gives another one, else None.
+
+    Verdicts: an original that opens with true/false/yes/no (the rewrite's first verdict
+    word must be on the same side), or a letter answer "B" / "(B)" / "Answer: B" (the
+    rewrite must hold the letter, and name no other letter as the answer)."""
+    stripped = original.strip()
+    first_word = re.match(r"[\W_]*([^\W\d_]+)", stripped)
+    if first_word and _verdict_side(first_word.group(1).lower()):
+        expected = _verdict_side(first_word.group(1).lower())
+        found = first_verdict(rewrite)
+        return first_word.group(1) if found is not None and found != expected else None
+    letter = LETTER_ANSWER_RE.match(stripped) if len(stripped) <= 20 else None
+    if letter:
+        choice = letter.group(1).upper()
+        named = CHOICE_MENTION_RE.search(rewrite)
+        if not has_letter(choice, rewrite) or (named and named.group(1) != choice):
+            return choice
+    return None
+
+
+def ungrounded_words(rewrite, original, question="", evidence=()):
+    """The rewrite's content words found in neither the question, the original nor the
+    evidence, when they are many (:data:`UNGROUNDED_MIN_WORDS`) and more than the
+    original's own content words (of an original of :data:`UNGROUNDED_MIN_ORIGINAL`
+    content words at least: a short answer's format asks for an explanation); else []."""
+    original_words = content_words(original)
+    if len(original_words) < UNGROUNDED_MIN_ORIGINAL:
+        return []
+    known = set(original_words) | set(content_words(question)) | set(content_words(" ".join(evidence)))
+    new = [word for word in content_words(rewrite) if word not in known]
+    if len(new) >= UNGROUNDED_MIN_WORDS and len(new) > len(original_words):
+        return sorted(set(new))
+    return []
+
+
+def find_problems(rewrite, original, question="", evidence=(), category=None):
+    """The names of the text checks the rewrite fails, in the order of :data:`CHECKS`.
+
+    A rewrite equal to its original fails none (nothing was changed)."""
+    if rewrite == original:
+        return []
+    found = {
+        "loop": has_loop(rewrite, original),
+        "leftover": protocol_leftover(rewrite, original, question),
+        "lost_number": lost_numbers(rewrite, original),
+        "lost_answer": lost_answer(rewrite, original, category),
+        "lost_code": lost_code(rewrite, original),
+        "lost_name": lost_names(rewrite, original),
+        "flipped_verdict": flipped_verdict(rewrite, original),
+        "ungrounded": ungrounded_words(rewrite, original, question, evidence),
+    }
+    return [name for name in TEXT_CHECKS if found[name]]
+
+
+def check_record(record, rewrite):
+    """:func:`find_problems` of ``rewrite`` against a ReAlign record (its question,
+    original response, evidence and category)."""
+    human, gpt = record["items"][0], record["items"][1]
+    evidence = human.get("evidence") or ()
+    return find_problems(rewrite, gpt["value"], human["value"], evidence, human.get("category"))
