@@ -23,7 +23,6 @@ accepts any value), OPENAI_BASE_URL (default of --base_url).
 """
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import hashlib
@@ -52,26 +51,22 @@ from realign import (
     write_json_atomic,
     write_json_list_atomic,
 )
-from realign.cache import Cache, open_cache
+from realign.cache import open_cache
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
     COMPLETIONS,
-    FLEX_TIMEOUT,
-    Client,
-    RequestRejected,
-    RetriesExhausted,
+    OpenAITransport,
     Sampling,
     add_client_arguments,
-    client_usage,
     default_reasoning_effort,
-    dry_run_limits,
+    finish_client_arguments,
     reply_text,
     resolve_api_key,
-    resolve_base_url,
 )
-from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
-from realign.pricing import BudgetReached, DryRunReport, price_of_run
+from realign.engine import Request, options_from_args, send_requests
+from realign.pool import Stopper
+from realign.pricing import price_of_run
 
 logger = logging.getLogger("classify")
 
@@ -198,7 +193,7 @@ def halve_query(query):
 
 def is_length_rejection(error):
     """Whether a refused request was refused for being too long."""
-    return error.status in (400, 413) and _LENGTH_REJECTION_RE.search(str(error)) is not None
+    return error.refused and error.status in (400, 413) and _LENGTH_REJECTION_RE.search(str(error)) is not None
 
 
 def build_choice_trie(tokenizer, names, eos_token_id):
@@ -537,85 +532,66 @@ def api_sampling(args, names):
 def logical_request(args, query, sampling):
     """``(path, logical body)`` of one query's request."""
     if args.backend == "openai_chat":
-        return CHAT, Client.logical_chat(build_chat_messages(query), sampling)
-    return COMPLETIONS, Client.logical_completion(build_prompt(query), sampling)
+        return CHAT, {"messages": build_chat_messages(query), **sampling.fields()}
+    return COMPLETIONS, {"prompt": build_prompt(query), **sampling.fields()}
 
 
-async def classify_with_api(args, jobs, names, save_results, stats, api_key, price, stopper):
-    """``--concurrency`` workers send one request per query through the shared client."""
-    sampling = api_sampling(args, names)
-    client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries,
-                    rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute, cache=open_cache(args),
-                    price=price, max_cost=args.max_cost, stopper=stopper)
-    policy = RefusalPolicy("check --model, --base_url, --constrained and --extra_body")
-    stats["client"] = client
+def api_requests(args, jobs, sampling, save_results, stats):
+    """One request per query; a query the server finds too long is halved and asked again."""
+    def request(job, query, shortenings=0):
+        def on_reply(reply):
+            text = reply_text(reply)
+            if text is None:  # no text: not used, and not cached
+                stats["unfinished"] += 1
+                return False
+            save_results([(job, chat_answer(text) if args.backend == "openai_chat" else text, None)])
+            return True
 
-    def save_refused(items):
-        save_results([(job, None, error) for job, error in items])
-
-    async def classify_one(job):
-        query = job.query
-        for attempt in range(MAX_SHORTENINGS + 1):
-            path, logical = logical_request(args, query, sampling)
-            try:
-                answer = await client.ask(path, logical, sampling, expected_output=EXPECTED_ANSWER_TOKENS,
-                                          accept=lambda reply: reply_text(reply) is not None)
-            except RequestRejected as error:
-                if is_length_rejection(error) and attempt < MAX_SHORTENINGS:
-                    query = halve_query(query)
-                    stats["shortened"] += attempt == 0
-                    continue
+        def on_error(error):
+            if is_length_rejection(error) and shortenings < MAX_SHORTENINGS:
+                stats["shortened"] += shortenings == 0
+                return request(job, halve_query(query), shortenings + 1)
+            if error.refused:
                 logger.warning("record %r: the server refused it (%s); labelled %s", job.id, error, FALLBACK_TASK)
-                save_refused(policy.refused((job, str(error)), str(error)))
-                return
-            except RetriesExhausted as error:
+                save_results([(job, None, str(error))])
+            else:
                 logger.warning("record %r: %s; rerun to retry it", job.id, error)
                 stats["unfinished"] += 1
-                return
-            except BudgetReached as error:
-                stopper.stop("budget", str(error))
-                raise Stopped("budget") from None
-            if not answer.cached:
-                save_refused(policy.success())
-            text = reply_text(answer.reply)
-            if text is None:  # usable replies have a text; an unusable one after the retries
-                stats["unfinished"] += 1
-                return
-            save_results([(job, chat_answer(text) if args.backend == "openai_chat" else text, None)])
-            return
+            return None
 
+        _, body = logical_request(args, query, sampling)
+        return Request(body, on_reply, on_error, expected_output=EXPECTED_ANSWER_TOKENS)
+
+    return (request(job, job.query) for job in jobs)
+
+
+def api_transport(args, api_key, sampling):
+    path = CHAT if args.backend == "openai_chat" else COMPLETIONS
+    return OpenAITransport(args.base_url, api_key, path=path, model=args.model, timeout=args.request_timeout,
+                           check_model=args.model_check, effort_is_default=sampling.effort_is_default)
+
+
+def classify_with_api(args, jobs, names, save_results, stats, api_key, price):
+    """``--concurrency`` requests at once through the engine; its Usage."""
+    cache = open_cache(args)
+    sampling = api_sampling(args, names)
+    transport = api_transport(args, api_key, sampling)
+    options = options_from_args(args, cache=cache, price=price, limits_key=transport.limits_key,
+                                completion_note=f"about {EXPECTED_ANSWER_TOKENS} tokens an answer",
+                                refusal_hint="check --model, --base_url, --constrained and --extra_body")
     try:
-        if not args.dry_run:
-            await client.check_model(args.model)
-        await run_pool(jobs, classify_one, args.concurrency, stopper)
-        policy.finish(stopper)
+        return send_requests(api_requests(args, jobs, sampling, save_results, stats), transport, options, "classify")
     finally:
-        client.remember_limits(args.model)
-        await client.close()
+        if cache is not None:
+            cache.close()
 
 
 def dry_run_api(args, jobs, names, price):
     """``--dry_run`` of the API backends: what the run would send and cost."""
-    sampling = api_sampling(args, names)
-    cache = Cache(args.cache_dir, read=True, write=False) if args.cache else None  # only read, never written
-    limits = dry_run_limits(cache, args.base_url, args.model, args.max_requests_per_minute,
-                            args.max_tokens_per_minute)
-    report = DryRunReport("classify", None if args.refresh_cache else cache, None, price, limits,
-                          sampling.max_output_tokens,
-                          completion_note=f"about {EXPECTED_ANSWER_TOKENS} tokens an answer")
-    for job in jobs:
-        path, logical = logical_request(args, job.query, sampling)
-        if report.is_cached(Client.key_of(args.base_url, path, logical)):
-            report.add_cached()
-            continue
-        text = logical.get("prompt") or logical["messages"]
-        report.add_request(report.count_prompt(text), EXPECTED_ANSWER_TOKENS)
-    for line in report.lines(extra=f"{len(jobs)} queries to classify with {args.model}"):
+    usage = classify_with_api(args, jobs, names, lambda results: None, collections.Counter(), None, price)
+    for line in usage.dry.lines(extra=f"{len(jobs)} queries to classify with {args.model}"):
         print(line)
-    if args.usage_path:
-        write_json_atomic(args.usage_path, report.as_dict())
-    if cache is not None:
-        cache.close()
+    usage.write(args.usage_path)
     return 0
 
 
@@ -656,9 +632,6 @@ def parse_args(argv=None):
     parser.add_argument("--chunk_size", type=positive_int, default=4096,
                         help="prompts per engine call and per progress flush (vllm, transformers; "
                              "default: %(default)s)")
-    parser.add_argument("--usage_path", default=None,
-                        help="API backends: also write the requests, tokens and spend (with --dry_run: the "
-                             "estimate) as JSON to this file")
     vllm = parser.add_argument_group("vllm and transformers backends")
     vllm.add_argument("--tensor_parallel_size", type=positive_int, default=None,
                       help="GPUs per model (default: the number of visible GPUs, at least 1)")
@@ -674,7 +647,9 @@ def parse_args(argv=None):
                       help="transformers: prompts per forward pass (default: %(default)s)")
     group = add_client_arguments(parser, default_concurrency=32, default_max_retries=5, default_timeout=60.0,
                                  base_url_default="$OPENAI_BASE_URL, else OpenAI for openai_chat and "
-                                                  f"{LOCAL_SERVER} for openai")
+                                                  f"{LOCAL_SERVER} for openai",
+                                 usage_help="API backends: also write the requests, tokens and spend (with "
+                                            "--dry_run: the estimate) as JSON to this file (default: not written)")
     group.add_argument("--timeout", dest="request_timeout", type=positive_float, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
@@ -685,14 +660,9 @@ def parse_args(argv=None):
     api = args.backend in API_BACKENDS
     if not api and (args.dry_run or args.max_cost is not None):
         parser.error("--dry_run and --max_cost apply to the API backends (--backend openai or openai_chat)")
-    try:
-        args.base_url = resolve_base_url(args.base_url)
-    except InputError as e:
-        parser.error(str(e))
+    finish_client_arguments(parser, args, default_timeout=60.0)
     if args.backend == "openai" and args.base_url is None:
         args.base_url = LOCAL_SERVER
-    if args.request_timeout is None:
-        args.request_timeout = FLEX_TIMEOUT if args.service_tier == "flex" else 60.0
     return args
 
 
@@ -713,19 +683,16 @@ def interrupt_main():
     raise KeyboardInterrupt
 
 
-def write_usage(args, client, stopper):
-    if args.usage_path:
-        write_json_atomic(args.usage_path, {"stage": "classify", "dry_run": False, **client_usage(client),
-                                            "stopped": stopper.reason})
-
-
-def run_backend(args, jobs, names, save_results, stats, stopper, price):
-    if args.backend == "vllm":
-        classify_with_vllm(args, jobs, names, save_results, stats, stopper)
-    elif args.backend == "transformers":
-        classify_with_transformers(args, jobs, names, save_results, stats, stopper)
-    else:
-        asyncio.run(classify_with_api(args, jobs, names, save_results, stats, api_key_for(args), price, stopper))
+def run_local_backend(args, jobs, names, save_results, stats):
+    """The vllm or transformers backend, in this process: a stop signal ends the run after the
+    chunk in progress is saved; a second one interrupts the model at once."""
+    stopper = Stopper()
+    with stopper.signals_handled():
+        stopper.on_hard_stop(interrupt_main)
+        backend = classify_with_vllm if args.backend == "vllm" else classify_with_transformers
+        backend(args, jobs, names, save_results, stats, stopper)
+    if stopper.interrupted:
+        raise KeyboardInterrupt
 
 
 @exits_cleanly
@@ -762,11 +729,13 @@ def main(argv=None) -> int:
         return dry_run_api(args, [job for job in jobs if job.id not in done], names, price)
     if args.backend in API_BACKENDS and args.cache:  # an unusable cache stops before anything is written
         open_cache(args).close()
+    api_key = api_key_for(args) if args.backend in API_BACKENDS else None
     with OutputLock(progress_path):
-        return classify_and_write(args, names, jobs, total, items if args.eval else None, progress_path, price)
+        return classify_and_write(args, names, jobs, total, items if args.eval else None, progress_path, price,
+                                  api_key)
 
 
-def classify_and_write(args, names, jobs, total, items, progress_path, price):
+def classify_and_write(args, names, jobs, total, items, progress_path, price, api_key):
     if not args.resume and os.path.exists(progress_path):
         os.remove(progress_path)
     done = load_done(progress_path, jobs)
@@ -775,12 +744,9 @@ def classify_and_write(args, names, jobs, total, items, progress_path, price):
                 total, len(todo), len(done), progress_path, total - len(jobs))
 
     stats = collections.Counter()
-    stopper = Stopper()
     if todo:
-        with stopper.signals_handled(), ProgressWriter(progress_path) as writer, contextlib.ExitStack() as stack:
+        with ProgressWriter(progress_path) as writer, contextlib.ExitStack() as stack:
             bars = []  # opened with the first answers, so that the model's loading logs do not tear it
-            if args.backend not in API_BACKENDS:  # a second signal interrupts the engine at once
-                stopper.on_hard_stop(interrupt_main)
 
             def save_results(results):
                 if not bars:
@@ -793,22 +759,17 @@ def classify_and_write(args, names, jobs, total, items, progress_path, price):
                 bars[0].update(len(results))
 
             started = time.perf_counter()
-            try:
-                run_backend(args, todo, names, save_results, stats, stopper, price)
-            finally:
-                elapsed = time.perf_counter() - started
-                client = stats.pop("client", None)
-                if client is not None:
-                    logger.info("openai: %s", client.describe())
-                    write_usage(args, client, stopper)
+            if args.backend in API_BACKENDS:
+                usage = classify_with_api(args, todo, names, save_results, stats, api_key, price)
+                logger.info("openai: %s", usage.describe())
+                usage.write(args.usage_path)
+                usage.finish(progress_path)
+            else:
+                run_local_backend(args, todo, names, save_results, stats)
+            elapsed = time.perf_counter() - started
         classified = sum(1 for job in todo if job.id in done)
         logger.info("classified %d records in %.1f s (%.1f records/s, model loading included)",
                     classified, elapsed, classified / max(elapsed, 1e-9))
-    if stopper.reason == "signal":
-        raise KeyboardInterrupt
-    if stopper.reason == "budget":
-        raise FatalError(f"{stopper.message}; the finished records are in {progress_path}: rerun with a higher "
-                         "--max_cost to continue")
     if stats["unfinished"]:
         raise FatalError(f"{stats['unfinished']} records got no answer after retries; their progress is saved "
                          f"in {progress_path}: rerun the same command to classify the rest")

@@ -53,7 +53,6 @@ judges (never logged).
 """
 
 import argparse
-import asyncio
 import hashlib
 import heapq
 import json
@@ -66,7 +65,6 @@ from collections import Counter, defaultdict, namedtuple
 
 from constant import JUDGE_PROMPTS, TASK_GROUPS
 from realign import (
-    FatalError,
     InputError,
     check_constants,
     exits_cleanly,
@@ -85,7 +83,19 @@ from realign.metrics import (
     is_rewritten,
     split_words,
 )
+from realign.cache import open_cache
+from realign.client import (
+    OpenAITransport,
+    Sampling,
+    add_client_arguments,
+    default_reasoning_effort,
+    finish_client_arguments,
+    reply_text,
+    resolve_api_key,
+)
+from realign.engine import Request, options_from_args, send_requests
 from realign.lengths import load_length_counter
+from realign.pricing import price_of_run
 from realign.quality import TEXT_CHECKS, find_problems
 from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
@@ -436,27 +446,9 @@ def sample_records(records, k, seed, key=lambda record: record["id"]):
     return sampler.items()
 
 
-# -- judges: sending requests (the one place that talks to a model) -----------------------
+# -- judges: the requests, through the request engine --------------------------------------
 
-async def ask_for_verdict(ask, messages, judge, max_retries):
-    """Ask until the reply holds a verdict: ``{"verdict", "status", "asks"}``.
-
-    status: "ok"; "unparsed" (no well-formed verdict after ``max_retries`` re-asks); or
-    "no_reply" (``ask`` returned None: the client gave up, or a dry run).
-    """
-    parse, conversation = PARSERS[judge], messages
-    for asks in range(1, max_retries + 2):
-        reply = await ask(conversation)
-        if reply is None:
-            return {"verdict": None, "status": "no_reply", "asks": asks}
-        verdict = parse(reply)
-        if verdict is not None:
-            return {"verdict": verdict, "status": "ok", "asks": asks}
-        conversation = build_reask_messages(messages, reply, judge)
-    return {"verdict": None, "status": "unparsed", "asks": max_retries + 1}
-
-
-def _status(*answers):
+def status_of(*answers):
     """The status of a record from those of its requests: any failure marks the record."""
     statuses = {answer["status"] for answer in answers}
     for status in ("no_reply", "unparsed"):
@@ -465,156 +457,113 @@ def _status(*answers):
     return "ok"
 
 
-async def judge_factuality(item, ask, max_retries):
-    """Rate the original and the rewrite of one record (once when they are the same text)."""
-    def ask_about(answer):
-        messages = build_factuality_messages(item.question, item.reference, answer)
-        return ask_for_verdict(ask, messages, "factuality", max_retries)
+class Judging:
+    """The judges' requests, built one sampled record at a time (nothing else is held), and
+    their results: ``results[judge][spool line]``. A reply without a well-formed verdict is
+    asked again (the first conversation, the reply and a request for the verdict) up to
+    ``max_retries`` times, then counted apart as unparsed; no reply at all is ``no_reply``."""
 
-    if item.original == item.rewrite:
-        original = rewrite = await ask_about(item.original)
-    else:
-        original, rewrite = await asyncio.gather(ask_about(item.original), ask_about(item.rewrite))
-    result = {"original": original["verdict"], "rewrite": rewrite["verdict"], "status": _status(original, rewrite),
-              "asks": original["asks"] + (0 if rewrite is original else rewrite["asks"])}
-    if rewrite is original:
-        result["identical"] = True
-    return result
+    def __init__(self, judges, sampling, max_retries):
+        self.sampling = sampling
+        self.max_retries = max_retries
+        self.results = {judge: {} for judge in judges}
+
+    def requests(self, items):
+        """The requests of ``items``, an iterable of ``(judge, JudgeItem)`` read lazily."""
+        for judge, item in items:
+            yield from (self.factuality if judge == "factuality" else self.readability)(item)
+
+    def factuality(self, item):
+        """Rate the original and the rewrite (once when they are the same text)."""
+        sides = ("original",) if item.original == item.rewrite else ("original", "rewrite")
+        answers = {}
+
+        def settle(side, answer):
+            answers[side] = answer
+            if len(answers) < len(sides):
+                return
+            original, rewrite = answers["original"], answers.get("rewrite", answers["original"])
+            result = {"original": original["verdict"], "rewrite": rewrite["verdict"],
+                      "status": status_of(original, rewrite),
+                      "asks": original["asks"] + (rewrite["asks"] if len(sides) == 2 else 0)}
+            if len(sides) == 1:
+                result["identical"] = True
+            self.results["factuality"][item.line] = result
+
+        for side in sides:
+            messages = build_factuality_messages(item.question, item.reference, getattr(item, side))
+            yield self.verdict_request(messages, "factuality", lambda answer, side=side: settle(side, answer))
+
+    def readability(self, item):
+        """Compare the original and the rewrite in both orders (a tie without asking when they
+        are the same text)."""
+        if item.original == item.rewrite:
+            self.results["readability"][item.line] = {"outcome": "tie", "consistent": True, "identical": True,
+                                                      "status": "ok", "asks": 0}
+            return
+        answers = {}
+
+        def settle(order, answer):
+            answers[order] = answer
+            if len(answers) < 2:
+                return
+            first, second = answers["original_first"], answers["rewrite_first"]
+            result = {"original_first": first["verdict"], "rewrite_first": second["verdict"],
+                      "status": status_of(first, second), "asks": first["asks"] + second["asks"]}
+            if result["status"] == "ok":
+                result["outcome"], result["consistent"] = combine_orders(first["verdict"], second["verdict"])
+            self.results["readability"][item.line] = result
+
+        yield self.verdict_request(build_readability_messages(item.question, item.original, item.rewrite),
+                                   "readability", lambda answer: settle("original_first", answer))
+        yield self.verdict_request(build_readability_messages(item.question, item.rewrite, item.original),
+                                   "readability", lambda answer: settle("rewrite_first", answer))
+
+    def verdict_request(self, messages, judge, settle, asks=1, first=None):
+        """The request of one verdict; ``settle({"verdict", "status", "asks"})`` once it is known.
+        ``first``: the first conversation, which every re-ask repeats."""
+        first = first or messages
+
+        def on_reply(reply):
+            text = reply_text(reply)
+            verdict = PARSERS[judge](text) if text is not None else None
+            if verdict is not None or text is None or asks > self.max_retries:
+                status = "ok" if verdict is not None else "no_reply" if text is None else "unparsed"
+                settle({"verdict": verdict, "status": status, "asks": asks})
+                return text is not None
+            return self.verdict_request(build_reask_messages(first, text, judge), judge, settle, asks + 1, first)
+
+        def on_error(error):
+            logger.warning("a judge request got no reply: %s", error)
+            settle({"verdict": None, "status": "no_reply", "asks": asks})
+
+        return Request({"messages": messages, **self.sampling.fields()}, on_reply, on_error,
+                       expected_output=JUDGE_EXPECTED_TOKENS)
 
 
-async def judge_readability(item, ask, max_retries):
-    """Compare the original and the rewrite of one record in both orders."""
-    if item.original == item.rewrite:
-        return {"outcome": "tie", "consistent": True, "identical": True, "status": "ok", "asks": 0}
-    first, second = await asyncio.gather(
-        ask_for_verdict(ask, build_readability_messages(item.question, item.original, item.rewrite),
-                        "readability", max_retries),
-        ask_for_verdict(ask, build_readability_messages(item.question, item.rewrite, item.original),
-                        "readability", max_retries))
-    result = {"original_first": first["verdict"], "rewrite_first": second["verdict"],
-              "status": _status(first, second), "asks": first["asks"] + second["asks"]}
-    if result["status"] == "ok":
-        result["outcome"], result["consistent"] = combine_orders(first["verdict"], second["verdict"])
-    return result
-
-
-JUDGE_FUNCTIONS = {"factuality": judge_factuality, "readability": judge_readability}
-
-
-async def run_judges(samples, ask, max_retries):
-    """Send every judge request: ``{judge: [JudgeItem]}`` -> ``{judge: {line: result}}``.
-
-    THE ONE PLACE JUDGE REQUESTS ARE SENT. ``ask(messages) -> str | None`` is an async
-    callable that sends one chat request and returns the reply's text, or None when no
-    reply came (it owns retries of transient errors, pacing, the cache, the dry run and the
-    spending limit). All requests are started at once; ``ask`` decides when each is sent.
-    """
-    results = {}
-    for judge, items in samples.items():
-        done = await asyncio.gather(*(JUDGE_FUNCTIONS[judge](item, ask, max_retries) for item in items))
-        results[judge] = {item.line: result for item, result in zip(items, done)}
-    return results
-
-
-def make_judge_ask(args):
-    """The ``ask`` callable for :func:`run_judges`: one chat request through the shared client
-    (realign/client.py: retries, pacing, the request cache, the spend and --max_cost),
-    temperature 0, at most --concurrency at once. The client is made inside the event loop,
-    on the first call, after the model check; with --dry_run ``ask`` only counts.
-
-    Returns ``(ask, close)``: ``await close()`` ends the client and says what was spent.
-    """
-    from realign.client import (
-        FLEX_TIMEOUT,
-        Client,
-        RequestRejected,
-        RetriesExhausted,
-        Sampling,
-        default_reasoning_effort,
-        dry_run_limits,
-        reply_text,
-    )
-    from realign.pool import Stopped
-    from realign.pricing import BudgetReached, DryRunReport, price_of_run
-
+def judge_sampling(args):
     effort, is_default = default_reasoning_effort(args.judge_model, args.reasoning_effort)
-    sampling = Sampling(model=args.judge_model, n=1, temperature=0.0, max_output_tokens=JUDGE_MAX_TOKENS,
-                        reasoning_effort=effort, service_tier=args.service_tier,
-                        extra_body=dict(args.extra_body or {}), effort_is_default=is_default)
-    price = price_of_run(args, args.judge_model)
-    cache = None
-    if args.cache:
-        from realign.cache import Cache
+    return Sampling(model=args.judge_model, n=1, temperature=0.0, max_output_tokens=JUDGE_MAX_TOKENS,
+                    reasoning_effort=effort, service_tier=args.service_tier, extra_body=dict(args.extra_body or {}),
+                    effort_is_default=is_default)
 
-        # A dry run only reads (with --refresh_cache too: the limits the cache remembers).
-        cache = Cache(args.cache_dir, read=args.dry_run or not args.refresh_cache, write=not args.dry_run)
-    state = {}
 
-    from realign.client import resolve_api_key, resolve_base_url
-
-    base_url = resolve_base_url(args.base_url)
-    if args.dry_run:
-        limits = dry_run_limits(cache, base_url, args.judge_model, args.max_requests_per_minute,
-                                args.max_tokens_per_minute)
-        report = DryRunReport("evaluate (judges)", cache if not args.refresh_cache else None, None, price, limits,
-                              JUDGE_MAX_TOKENS, completion_note=f"about {JUDGE_EXPECTED_TOKENS} tokens a verdict")
-        state["report"] = report
-
-        async def ask(messages):
-            if report.is_cached(Client.key_of(base_url, "/chat/completions",
-                                              Client.logical_chat(messages, sampling))):
-                report.add_cached()
-            else:
-                report.add_request(report.count_prompt(messages), JUDGE_EXPECTED_TOKENS)
-            return None  # no reply: nothing is re-asked
-
-        async def close():
-            for line in report.lines(extra=f"judge model {args.judge_model}"):
-                print(line)
-            if cache is not None:
-                cache.close()
-
-        return ask, close
-
-    api_key = resolve_api_key(None, base_url)
-
-    async def start():
-        timeout = args.request_timeout or (FLEX_TIMEOUT if args.service_tier == "flex" else 600.0)
-        client = Client(base_url, api_key, timeout=timeout, max_retries=args.max_retries,
-                        rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute, cache=cache,
-                        price=price, max_cost=args.max_cost, stopper=getattr(args, "stopper", None))
-        state["semaphore"] = asyncio.Semaphore(args.concurrency)
-        await client.check_model(args.judge_model)
-        state["client"] = client
-        return client
-
-    async def ask(messages):
-        if "starting" not in state:
-            state["starting"] = asyncio.ensure_future(start())
-        client = await state["starting"]
-        async with state["semaphore"]:
-            try:
-                answer = await client.chat(messages, sampling, expected_output=JUDGE_EXPECTED_TOKENS,
-                                           accept=lambda reply: reply_text(reply) is not None)
-            except (RequestRejected, RetriesExhausted) as e:
-                logger.warning("a judge request got no reply: %s", e)
-                return None
-            except Stopped:  # a stop signal: the replies so far are in the request cache
-                raise KeyboardInterrupt from None
-            except BudgetReached as e:
-                raise FatalError(f"{e}; the replies so far are in the request cache: rerun with a higher "
-                                 "--max_cost to go on") from None
-        return reply_text(answer.reply)
-
-    async def close():
-        client = state.get("client")
-        if client is not None:
-            logger.info("judges: %s", client.describe())
-            await client.close()
+def send_judge_requests(args, judging, items):
+    """The judges' requests through the request engine (one chat request each, temperature
+    0, at most --concurrency at once; retries, pacing, the cache, the spend, --max_cost and
+    the dry run are the engine's); its Usage."""
+    api_key = None if args.dry_run else resolve_api_key(None, args.base_url)
+    cache = open_cache(args)
+    transport = OpenAITransport(args.base_url, api_key, model=args.judge_model, timeout=args.request_timeout,
+                                check_model=args.model_check, effort_is_default=judging.sampling.effort_is_default)
+    options = options_from_args(args, cache=cache, price=price_of_run(args, args.judge_model),
+                                limits_key=transport.limits_key,
+                                completion_note=f"about {JUDGE_EXPECTED_TOKENS} tokens a verdict")
+    try:
+        return send_requests(judging.requests(items), transport, options, "evaluate (judges)")
+    finally:
         if cache is not None:
             cache.close()
-
-    return ask, close
 
 
 def _mean(values):
@@ -1021,10 +970,9 @@ def parse_args(argv=None):
                         help="re-ask a reply without a well-formed verdict this many times, then count it "
                              "apart (default 2)")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
-    from realign.client import add_client_arguments
-
     add_client_arguments(parser, default_concurrency=16)
     args = parser.parse_args(argv)
+    finish_client_arguments(parser, args)
     args.judge = list(dict.fromkeys(args.judge))
     if "factuality" in args.judge and not args.reference_path:
         parser.error("--judge factuality needs --reference_path (the reference answers)")
@@ -1053,33 +1001,41 @@ def check_paths(args):
             refuse_overwriting_input(path, *outputs)
 
 
-def judge_samples(args, samplers, ask, summary):
-    """Run the judges on the samples; add their figures to ``summary["judges"]`` and return
-    ``{spool line: {judge: result}}`` for the per-record entries."""
-    samples = {judge: sampler.items() for judge, sampler in samplers.items()}
-    if "factuality" in samples and not samples["factuality"]:
+def judged_items(args, references, chosen):
+    """``(judge, JudgeItem)`` of the records to judge, streamed from the two files again (a
+    second pass: only the sampled lines are built; ``chosen[judge]`` None judges them all)."""
+    originals = slim_originals(iter_records(args.original_path, require_response=True))
+    rewrites = slim_rewrites(iter_records(args.rewritten_path, require_response=True), args.rewritten_path)
+    for line, (original, rewritten) in enumerate(pair_by_id(originals, rewrites, {})):
+        for judge in args.judge:
+            reference = references.get(original.id)
+            if judge == "factuality" and reference is None:
+                continue
+            if chosen[judge] is None or line in chosen[judge]:
+                yield judge, JudgeItem(original.id, line, original.question, original.response, rewritten.response,
+                                       reference)
+
+
+def judge_samples(args, eligible, samplers, references, summary):
+    """Run the judges; add their figures to ``summary["judges"]`` and return ``{spool line:
+    {judge: result}}`` for the per-record entries (None for a dry run)."""
+    if "factuality" in args.judge and not eligible["factuality"]:
         raise InputError(f"{args.reference_path}: no id in common with {args.original_path}")
-    requests = sum(2 * len(items) for items in samples.values())
-    logger.info("judging with %s: %s (at most %d requests before re-asks)", args.judge_model,
-                ", ".join(f"{j} {len(items):,} record(s)" for j, items in samples.items()), requests)
-    ask, close = ask
-
-    async def judge_all():
-        try:
-            return await run_judges(samples, ask, args.max_judge_retries)
-        finally:
-            await close()
-
-    from realign.pool import Stopper
-
-    with Stopper().signals_handled() as stopper:  # SIGINT/SIGTERM: no new request; exit 130
-        args.stopper = stopper
-        results = asyncio.run(judge_all())
-    if stopper.interrupted:
-        raise KeyboardInterrupt
+    chosen = {judge: set(sampler.items()) if sampler else None for judge, sampler in samplers.items()}
+    logger.info("judging with %s: %s", args.judge_model,
+                ", ".join(f"{judge} {len(lines) if lines is not None else eligible[judge]:,} record(s)"
+                          for judge, lines in chosen.items()))
+    judging = Judging(args.judge, judge_sampling(args), args.max_judge_retries)
+    usage = send_judge_requests(args, judging, judged_items(args, references, chosen))
+    if args.dry_run:
+        for line in usage.dry.lines(extra=f"judge model {args.judge_model}"):
+            print(line)
+        return None
+    logger.info("judges: %s", usage.describe())
+    usage.finish("the request cache")
     summary["judges"], verdicts = {}, defaultdict(dict)
-    for judge, by_line in results.items():
-        summary["judges"][judge] = SUMMARIZERS[judge](by_line, samplers[judge].offered, args.judge_model)
+    for judge, by_line in judging.results.items():
+        summary["judges"][judge] = SUMMARIZERS[judge](by_line, eligible[judge], args.judge_model)
         for line, result in by_line.items():
             verdicts[line][judge] = result
     return verdicts
@@ -1093,10 +1049,13 @@ def main(argv=None) -> int:
     check_paths(args)
     if args.reference_path and "factuality" not in args.judge:
         logger.info("--reference_path is only read by --judge factuality; ignoring it")
-    ask = make_judge_ask(args) if args.judge else None
+    if args.judge and not args.dry_run:  # no key: stop before the files are read
+        resolve_api_key(None, args.base_url)
     count_lengths = load_length_counter(args.tokenizer_path) if args.tokenizer_path else None
     references = load_references(args.reference_path) if "factuality" in args.judge else {}
-    samplers = {judge: Sampler(args.judge_sample, args.seed) for judge in args.judge}
+    # With --judge_sample, a seeded sample of lines (their numbers only); else every line.
+    samplers = {judge: Sampler(args.judge_sample, args.seed) if args.judge_sample else None for judge in args.judge}
+    eligible = Counter()
     # The per-record entries wait in an anonymous temporary file (next to the output when its
     # folder exists) until the figures that precede them in the JSON are known.
     spool_dir = os.path.dirname(os.path.abspath(args.output_path)) if args.output_path else None
@@ -1109,17 +1068,17 @@ def main(argv=None) -> int:
             if args.output_path:
                 spool.write(json.dumps(entry, ensure_ascii=False) + "\n")
             for judge, sampler in samplers.items():
-                reference = references.get(original.id)
-                if judge == "factuality" and reference is None:
+                if judge == "factuality" and original.id not in references:
                     continue
-                sampler.offer(original.id, lambda line=lines, reference=reference: JudgeItem(
-                    original.id, line, original.question, original.response, rewritten.response, reference))
+                eligible[judge] += 1
+                if sampler is not None:
+                    sampler.offer(original.id, lambda line=lines: line)
             lines += 1
 
         summary, overall_stats = measure_files(args.original_path, args.rewritten_path, count_lengths,
                                                args.allow_unpaired, args.rewrite_threshold, on_record,
                                                args.rewrite_directory)
-        verdicts = judge_samples(args, samplers, ask, summary) if args.judge else {}
+        verdicts = judge_samples(args, eligible, samplers, references, summary) if args.judge else {}
         if args.dry_run:
             free = {key: value for key, value in summary.items() if key != "judges"}
             logger.info("dry run: nothing was sent and nothing written (%s)", headline(free))

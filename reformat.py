@@ -64,7 +64,6 @@ request; 2 bad input, or another process is writing the same batch file; 130 int
 """
 
 import argparse
-import asyncio
 import collections
 import hashlib
 import json
@@ -76,7 +75,6 @@ import time
 
 from constant import DEFAULT_MODEL, REFORMAT_PROMPTS, REPLY_FORMATS, REWRITE_TASK, STRUCTURE, TASK_DESCRIPTION
 from realign import (
-    FatalError,
     InputError,
     LengthCounter,
     OutputLock,
@@ -95,25 +93,20 @@ from realign import (
     write_json_atomic,
 )
 from realign.cache import open_cache, request_key
-from realign.records import BATCH_FILE_RE, batch_file_path, unused_replies_path
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
-    FLEX_TIMEOUT,
-    Client,
-    RequestRejected,
-    RetriesExhausted,
+    OpenAITransport,
     Sampling,
     add_client_arguments,
-    client_usage,
     default_reasoning_effort,
-    dry_run_limits,
+    finish_client_arguments,
     optional_float,
     resolve_api_key,
-    resolve_base_url,
 )
-from realign.pool import RefusalPolicy, Stopped, Stopper, run_pool
-from realign.pricing import CHARS_PER_TOKEN, BudgetReached, DryRunReport, price_of_run
+from realign.engine import Request, options_from_args, send_requests
+from realign.pricing import CHARS_PER_TOKEN, price_of_run
+from realign.records import BATCH_FILE_RE, batch_file_path, unused_replies_path
 from realign.quality import CUT_OFF, REASONING_MARKER_RE, REVISED_MARKER_RE, UNPARSABLE, check_record
 
 logger = logging.getLogger("reformat")
@@ -305,21 +298,21 @@ def failed(record, error):
     return line
 
 
-def rejected(record, tally):
+def rejected(record, state):
     """The line of a record none of whose candidates passed the checks: the original,
-    ``status: rejected``, and what the checks found (``tally``: see :func:`new_tally`)."""
+    ``status: rejected``, and what the checks found (``state``: a request's tally)."""
     line = passthrough(record, "kept the original: no candidate passed the checks "
-                               f"({describe_problems(tally['problems'])})")
+                               f"({describe_problems(collections.Counter(state['problems']))})")
     line["status"] = "rejected"
-    line["candidate_checks"] = candidate_checks(tally)
+    line["candidate_checks"] = candidate_checks(state)
     return line
 
 
-def candidate_checks(tally):
+def candidate_checks(state):
     """``{"candidates": n, "failing": k, "problems": {check: count}}``: what the checks found
     among the candidates of a record, over its asks (a candidate may fail several checks)."""
-    return {"candidates": tally["candidates"], "failing": tally["failing"],
-            "problems": dict(tally["problems"].most_common())}
+    problems = collections.Counter(state["problems"])
+    return {"candidates": state["candidates"], "failing": state["failing"], "problems": dict(problems.most_common())}
 
 
 def describe_problems(problems):
@@ -482,26 +475,24 @@ def rewrite_batch_file(path, keep_ids):
 # -- the run -------------------------------------------------------------------------
 
 
-class Run:
-    """One chunk: settings, the request of each record, the batch file, the counters.
+class Chunk:
+    """One process's chunk of the input, as requests for the engine: the request of each record
+    still to rewrite (re-read from the input at each pass, so nothing is held), what each reply
+    makes of the record's batch line, and the counters. It never sees the wire: the engine
+    sends the requests online or through the Batch API transport."""
 
-    Both modes (online, and the Batch API of :mod:`realign.batch_api`) go through it: the
-    records still to do (:meth:`to_rewrite`), the request of each (:meth:`plan`), the batch
-    line a reply makes (:meth:`line_from_reply`), and the writing (:meth:`write`)."""
-
-    def __init__(self, args, sampling, count_lengths, length_unit):
+    def __init__(self, args, sampling, start, end, batch_lines):
         self.args = args
         self.sampling = sampling
-        self.count_lengths = count_lengths
-        self.length_unit = length_unit
-        self.client = None  # set once there is something to send
-        self.batch = None  # the Batch API mode, when it runs (for the summary line)
-        self.writer = self.bar = None  # set by main while the batch file is open
-        self.unused = None  # UnusedReplies, set by main with the batch file
+        self.start, self.end = start, end
+        self.batch_lines = batch_lines
+        self.length_unit = "tokens" if args.tokenizer_path else "words"
+        self.count_lengths = None  # a LengthCounter, loaded before anything is sent
+        self.transport = None  # the online transport: its adapter says when the JSON schema was refused
+        self.writer = self.bar = self.unused = None  # set while the batch file is open
         self.stats = collections.Counter()
-        self.stopper = Stopper()
-        self.policy = RefusalPolicy(REFUSAL_HINT)
         self.finished = set()  # ids whose line this run wrote
+        self.max_asks = args.max_parse_retries + 1
 
     def plan(self, record):
         """``(reason to pass through or None, messages or None, fingerprint)`` of a record.
@@ -515,45 +506,60 @@ class Run:
         asked = build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval, self.args.reply_format)
         # The whole request body but not the server's address: the same request through
         # another URL (a proxy, a moved server) still stands for the same line.
-        request = request_key(CHAT, Client.logical_chat(asked, self.sampling))
+        request = request_key(CHAT, self.body(asked))
         fp = fingerprint("rewrite", request, self.length_unit, self.args.tokenizer_path)
         layout = self.reply_layout()
         if layout != self.args.reply_format:
             return None, build_rewrite_messages(record, self.args.adaptive, self.args.is_retrieval, layout), fp
         return None, asked, fp
 
+    def body(self, messages):
+        return {"messages": messages, **self.sampling.fields()}
+
     def reply_layout(self):
         """``--reply_format``, or "text" once the server refused the JSON schema."""
-        if self.client is not None and "response_format" in self.client.adapters[CHAT].dropped:
+        if self.transport is not None and "response_format" in self.transport.adapter.dropped:
             return "text"
         return self.args.reply_format
 
-    def to_rewrite(self, start, end, batch_lines, write_passthrough=False):
-        """``(record, messages, fingerprint)`` of the chunk's records still to rewrite, in input
-        order: not those whose batch line stands or was written by this run. With
-        ``write_passthrough`` the lines of the records that are not reformatted are written
-        on the way."""
-        for record in iter_records_range(self.args.input_data_path, start, end, require_response=True):
+    def __iter__(self):
+        """The requests of the chunk's records still to rewrite, in input order: not those
+        whose batch line stands or that this run finished. The lines of the records that are
+        not reformatted are written on the way (not in a dry run)."""
+        for record in iter_records_range(self.args.input_data_path, self.start, self.end, require_response=True):
             if record["id"] in self.finished:
                 continue
             reason, messages, fp = self.plan(record)
-            if is_done(batch_lines.get(record["id"]), fp, self.args.retry_failed):
+            if is_done(self.batch_lines.get(record["id"]), fp, self.args.retry_failed):
                 continue
             if reason is not None:
-                if write_passthrough:
+                if self.writer is not None:
                     self.write(with_fingerprint(passthrough(record, reason), fp), "passed")
                 continue
-            yield record, messages, fp
+            yield self.request(record, messages, fp)
 
-    async def connect(self, api_key, price):
-        """The client, once there is something to send; the model is checked first."""
-        args = self.args
-        self.client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries,
-                             rpm=args.max_requests_per_minute, tpm=args.max_tokens_per_minute,
-                             cache=open_cache(args), price=price, max_cost=args.max_cost, stopper=self.stopper)
-        await self.client.check_model(args.model)
-        # After the model check (a wrong model stops before this costs seconds), off the loop.
-        self.count_lengths = await asyncio.to_thread(LengthCounter, args.tokenizer_path)
+    def request(self, record, messages, fp, state=None):
+        """The request of one record; ``state`` (the Batch API keeps it across rounds) tallies
+        its asks and what the checks found among their candidates."""
+        state = state if state is not None else {"asks": 0, "candidates": 0, "failing": 0, "problems": {}}
+
+        def on_reply(reply):
+            line = self.line_from_reply(record, fp, reply, state)
+            if line is not None:
+                self.write(line)
+                return True
+            state["asks"] += 1
+            if state["asks"] < self.max_asks:
+                self.stats["reasks"] += 1
+                return self.request(record, self.plan(record)[1], fp, state)  # the same request again
+            self.write(with_fingerprint(rejected(record, state), fp))
+            return False
+
+        def on_error(error):
+            self.write(with_fingerprint(failed(record, str(error)), fp))
+
+        return Request(self.body(messages), on_reply, on_error, expected_output=self.expected_output(record),
+                       name=batch_api.custom_id(record["id"], fp), state=state)
 
     def write(self, line, outcome=None):
         self.writer.write(line)
@@ -565,83 +571,29 @@ class Run:
         """The completion tokens a request is expected to use: n x the original's length."""
         return self.sampling.n * max(1, int(estimate_tokens(record["items"][1]["value"])))
 
-    def line_from_reply(self, record, fp, reply, tally=None):
-        """``(batch line or None, tally)`` of a reply: the candidates that pass the checks and
-        the longest of them, or None for the line when none passes. ``tally`` (from
-        :func:`new_tally`) adds up the candidates and their problems over a record's asks;
-        the replies not used are kept in the unused-replies file."""
-        tally = tally or new_tally()
+    def line_from_reply(self, record, fp, reply, state):
+        """The batch line of a reply: the candidates that pass the checks and the longest of
+        them; None when none passes. ``state`` adds up the candidates and their problems over
+        the record's asks; the replies not used go to the unused-replies file."""
         choices = reply_choices(reply)
         passing, failing = judge_candidates(record, choices)
-        tally["candidates"] += len(choices)
-        tally["failing"] += len(failing)
+        state["candidates"] += len(choices)
+        state["failing"] += len(failing)
         for content, finish_reason, problems in failing:
-            tally["problems"].update(problems)
+            for name in problems:
+                state["problems"][name] = state["problems"].get(name, 0) + 1
             self.stats.update(f"check {name}" for name in problems)
             self.unused.keep(record["id"], fp, content, finish_reason, problems)
         self.stats["candidates"] += len(choices)
         self.stats["failing candidates"] += len(failing)
         if not passing:
-            return None, tally
+            return None
         best = 0
         if len(passing) > 1:
             best = longest(self.count_lengths([c["revised_response"] for c in passing]))
         line = with_revision(record, passing, passing[best])
-        line["candidate_checks"] = candidate_checks(tally)
-        return with_fingerprint(line, fp), tally
-
-    @staticmethod
-    def failed_line(record, fp, error):
-        return with_fingerprint(failed(record, error), fp)
-
-    @staticmethod
-    def rejected_line(record, fp, tally):
-        return with_fingerprint(rejected(record, tally), fp)
-
-    def accepts(self, record):
-        """The cache's test of a reply to ``record``'s request: a candidate passes the checks
-        (only such replies are cached, so a re-ask sends a new request)."""
-        return lambda reply: bool(judge_candidates(record, reply_choices(reply))[0])
-
-    async def rewrite(self, record, asks=None, asked=0, tally=None):
-        """Ask for the record's rewrite and write its line (or hold a refused one).
-
-        ``asks`` requests at most (default: ``--max_parse_retries`` + 1); ``asked`` earlier
-        requests and their ``tally`` (the Batch API's rounds) count in the rejected line."""
-        _, messages, fp = self.plan(record)
-        expected = self.expected_output(record)
-        tally = tally or new_tally()
-        asks = self.args.max_parse_retries + 1 if asks is None else asks
-        for attempt in range(asks):
-            if attempt or asked:
-                self.stats["reasks"] += 1
-            try:
-                answer = await self.client.chat(messages, self.sampling, expected_output=expected,
-                                                accept=self.accepts(record))
-            except RetriesExhausted as e:
-                self.write(self.failed_line(record, fp, str(e)))
-                return
-            except RequestRejected as e:
-                for held in self.policy.refused(self.failed_line(record, fp, str(e)), str(e)):
-                    self.write(held)
-                return
-            except BudgetReached as e:
-                self.stopper.stop("budget", str(e))
-                raise Stopped("budget") from None
-            if not answer.cached:
-                for held in self.policy.success():
-                    self.write(held)
-            line, tally = self.line_from_reply(record, fp, answer.reply, tally)
-            if line is not None:
-                self.write(line)
-                return
-        self.write(self.rejected_line(record, fp, tally))
-
-    def describe_client(self):
-        """The client's part of the summary line (the Batch API's, in that mode)."""
-        if self.batch is not None:
-            return self.batch.describe()
-        return self.client.describe() if self.client is not None else "requests: 0"
+        line["candidate_checks"] = candidate_checks(state)
+        return with_fingerprint(line, fp)
 
 
 class UnusedReplies:
@@ -691,11 +643,6 @@ def describe_checks(stats, unused=None):
     if unused is not None and unused.kept:
         text += f" (unused replies in {unused.path})"
     return text
-
-
-def new_tally():
-    """What the checks found among a record's candidates, over its asks."""
-    return {"candidates": 0, "failing": 0, "problems": collections.Counter()}
 
 
 def reply_choices(reply):
@@ -764,9 +711,6 @@ def parse_args(argv=None):
                              "(default: 2)")
     parser.add_argument("--retry_failed", action=argparse.BooleanOptionalAction, default=False,
                         help="ask again for the records the batch file holds as failed (default: off)")
-    parser.add_argument("--usage_path", default=None,
-                        help="also write this run's requests, tokens and spend (or, with --dry_run, the "
-                             "estimate) as JSON to this file")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="log every retry (default: off)")
     add_client_arguments(parser, default_concurrency=16)
@@ -775,12 +719,7 @@ def parse_args(argv=None):
     if args.batch_cancel and args.dry_run:
         parser.error("--batch_cancel sends a cancel request: it does not go with --dry_run")
     args.batch_api = args.batch_api or args.batch_cancel
-    try:
-        args.base_url = resolve_base_url(args.base_url)
-    except InputError as e:
-        parser.error(str(e))
-    if args.request_timeout is None:
-        args.request_timeout = FLEX_TIMEOUT if args.service_tier == "flex" else 600.0
+    finish_client_arguments(parser, args)
     return args
 
 
@@ -793,29 +732,15 @@ def make_sampling(args):
                     effort_is_default=is_default)
 
 
-def scan_chunk(args, run, start, end, dry=None, batch_lines=None, batches=None):
+def scan_chunk(args, chunk):
     """The first pass over the chunk, before anything is written or sent: validate every
-    record and note each one's fingerprint (``{id: (fingerprint, pass-through reason)}``);
-    with ``dry`` (a DryRunReport) also add up what the run would send, and with ``batches``
-    (a batch_api.DryPlan) the request files it would write."""
+    record and note each one's fingerprint (``{id: (fingerprint, pass-through reason)}``)."""
     plans = {}
-    for index, record in enumerate(iter_records_range(args.input_data_path, start, end, require_response=True),
-                                   start):
+    records = iter_records_range(args.input_data_path, chunk.start, chunk.end, require_response=True)
+    for index, record in enumerate(records, chunk.start):
         check_evidence(record, index, args.input_data_path)
-        reason, messages, fp = run.plan(record)
+        reason, _, fp = chunk.plan(record)
         plans[record["id"]] = (fp, reason)
-        if dry is None or reason is not None or is_done(batch_lines.get(record["id"]), fp, args.retry_failed):
-            continue
-        logical = Client.logical_chat(messages, run.sampling)
-        if batches is not None and batches.is_in_a_batch(record["id"], fp):
-            continue
-        if dry.is_cached(Client.key_of(args.base_url, CHAT, logical)):
-            dry.add_cached()
-            continue
-        dry.add_request(dry.count_prompt(messages), run.sampling.n * dry.count_text(record["items"][1]["value"]),
-                        n=run.sampling.n)
-        if batches is not None:
-            batches.add(record["id"], fp, logical)
     return plans
 
 
@@ -842,6 +767,42 @@ def tally(plans, batch_lines, retry_failed):
     return counts, unknown, foreign, keep
 
 
+def make_transport(args, api_key, sampling):
+    """The transport of the run: the online API, or the Batch API in front of it; and the
+    online one (whose adapter the chunk asks about the reply layout)."""
+    online = OpenAITransport(args.base_url, api_key, model=args.model, timeout=args.request_timeout,
+                             check_model=args.model_check and not args.dry_run,
+                             effort_is_default=sampling.effort_is_default)
+    if not args.batch_api:
+        return online, online
+    return batch_api.BatchTransport(online, batch_api.settings_from_args(args),
+                                    price_of_run(args, args.model, batch=True)), online
+
+
+def engine_options(args, cache, transport):
+    count_prompt, counted = None, None
+    if args.dry_run and args.tokenizer_path:
+        count_prompt, counted = prompt_counter(args.tokenizer_path), f"counted with {args.tokenizer_path}"
+    # The engine prices the online requests; the Batch API transport its batch lines (a dry run
+    # counts every request at the batch price, as nearly all of them go into batches).
+    price = price_of_run(args, args.model, batch=args.batch_api and args.dry_run)
+    return options_from_args(args, cache=cache, price=price, limits_key=transport.limits_key,
+                             count_prompt=count_prompt, counted=counted, refusal_hint=REFUSAL_HINT)
+
+
+def prompt_counter(tokenizer_path):
+    """A dry run's count of a request's prompt tokens with the tokenizer of ``--tokenizer_path``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+
+    def count(body):
+        return sum(len(tokenizer(str(m.get("content") or ""), add_special_tokens=False)["input_ids"]) + 4
+                   for m in body["messages"])
+
+    return count
+
+
 @exits_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -853,29 +814,32 @@ def main(argv=None) -> int:
     args.dataset_batch_id, args.dataset_batch_num = batch_id, batch_num
     path = batch_file_path(args.output_directory, batch_id, batch_num)
     if args.batch_cancel:
-        return asyncio.run(batch_api.cancel(args, resolve_api_key(args.openai_key, args.base_url), path))
+        return batch_api.cancel(args, resolve_api_key(args.openai_key, args.base_url), path)
     total = count_records(args.input_data_path)
     start, end = chunk_bounds(total, batch_num, batch_id)
-    price = price_of_run(args, args.model, batch=args.batch_api)
-    if args.dry_run:
-        return dry_run(args, sampling, path, total, start, end, price)
-    api_key = resolve_api_key(args.openai_key, args.base_url)
-    run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
-    plans = scan_chunk(args, run, start, end)  # bad input stops here, before anything is written
-    if args.cache:  # a cache that cannot be used stops here, before anything is written
-        open_cache(args).close()
-    os.makedirs(args.output_directory, exist_ok=True)
-    if layout is not None and read_array_layout(args.output_directory) is None:
-        # So that a resubmitted index of this array (sbatch --array=4) finds its chunk.
-        write_json_atomic(os.path.join(args.output_directory, ARRAY_LAYOUT), layout)
-    with OutputLock(path):
-        return run_chunk(args, run, plans, path, total, start, end, how, api_key, price)
+    price_of_run(args, args.model, batch=args.batch_api)  # --max_cost without a price: a usage error, now
+    api_key = None if args.dry_run else resolve_api_key(args.openai_key, args.base_url)
+    chunk = Chunk(args, sampling, start, end, read_batch_file(path))
+    plans = scan_chunk(args, chunk)  # bad input stops here, before anything is written
+    cache = open_cache(args)  # a cache that cannot be used stops here, before anything is written
+    try:
+        if args.dry_run:
+            return dry_run(args, chunk, plans, cache, api_key)
+        os.makedirs(args.output_directory, exist_ok=True)
+        if layout is not None and read_array_layout(args.output_directory) is None:
+            # So that a resubmitted index of this array (sbatch --array=4) finds its chunk.
+            write_json_atomic(os.path.join(args.output_directory, ARRAY_LAYOUT), layout)
+        with OutputLock(path):
+            chunk.batch_lines = read_batch_file(path)  # as it is now that this process holds it
+            return run_chunk(args, chunk, plans, path, total, how, api_key, cache)
+    finally:
+        if cache is not None:
+            cache.close()
 
 
-def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
-    sampling = run.sampling
-    batch_lines = read_batch_file(path)
-    counts, unknown, foreign, keep = tally(plans, batch_lines, args.retry_failed)
+def run_chunk(args, chunk, plans, path, total, how, api_key, cache):
+    sampling = chunk.sampling
+    counts, unknown, foreign, keep = tally(plans, chunk.batch_lines, args.retry_failed)
     del plans
     if foreign:
         raise InputError(f"{path}: holds {len(foreign)} lines whose id is not in this chunk (first: {foreign[0]!r}); "
@@ -889,8 +853,8 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
         rewrite_batch_file(path, keep)
     logger.info("%d records; chunk %d of %d (%s): records %d..%d (%d), %d already in %s, %d to pass through, "
                 "%d to rewrite with %s%s (%s mode, n=%d, %d at once)", total, args.dataset_batch_id,
-                args.dataset_batch_num, how, start, end - 1, end - start, counts["done"], path,
-                counts["passthrough"], counts["rewrite"], args.model,
+                args.dataset_batch_num, how, chunk.start, chunk.end - 1, chunk.end - chunk.start, counts["done"],
+                path, counts["passthrough"], counts["rewrite"], args.model,
                 f" at {args.base_url}" if args.base_url else "", "adaptive" if args.adaptive else "forced",
                 sampling.n, args.concurrency)
     if unknown:
@@ -901,32 +865,38 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
     if running:
         logger.warning("%s: %d batches of this chunk may still be running; their lines are asked online too. "
                        "Rerun with --batch_api to collect them, or --batch_cancel to cancel them", record, running)
-    mode = batch_api.work if args.batch_api else work
+    transport, chunk.transport = make_transport(args, api_key, sampling)
+    chunk.count_lengths = LengthCounter(args.tokenizer_path if counts["rewrite"] else None)
     started = time.perf_counter()
+    usage = None
     try:
-        with run.stopper.signals_handled(), ProgressWriter(path) as run.writer, \
+        with ProgressWriter(path) as chunk.writer, \
                 UnusedReplies(unused_replies_path(args.output_directory, args.dataset_batch_id,
-                                          args.dataset_batch_num)) as run.unused, \
-                progress_bar(total=end - start, initial=counts["done"], unit="rec",
-                             desc=f"chunk {args.dataset_batch_id}") as run.bar:
-            asyncio.run(mode(args, run, start, end, batch_lines, api_key, price, counts["rewrite"]))
-    finally:  # also after a fatal error or an interrupt: say what was done
+                                                  args.dataset_batch_num)) as chunk.unused, \
+                progress_bar(total=chunk.end - chunk.start, initial=counts["done"], unit="rec",
+                             desc=f"chunk {args.dataset_batch_id}") as chunk.bar:
+            if counts["rewrite"]:
+                usage = send_requests(chunk, transport, engine_options(args, cache, transport), "reformat")
+            else:  # nothing to ask: the pass-through lines only, and no request at all
+                for _ in chunk:
+                    pass
+    finally:  # also after a fatal error: say what was done
         elapsed = time.perf_counter() - started
-        stats = run.stats
-        client_part = run.describe_client()
+        stats = chunk.stats
         asked = stats["rewritten"] + stats["rejected"] + stats["failed"]
         logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, rewritten: %d, kept the original "
                     "(no candidate passed the checks): %d, passed through: %d, failed: %d, re-asks: %d, %s, %s, "
                     "%.1f s (%.1f records/s)",
-                    end - start, counts["done"], counts["stale"], stats["rewritten"], stats["rejected"],
-                    stats["passed"], stats["failed"], stats["reasks"], describe_checks(stats, run.unused),
-                    client_part, elapsed, asked / elapsed if elapsed > 0 else 0.0)
-        write_usage(args, run)
-    if run.stopper.reason == "signal":
-        raise KeyboardInterrupt
-    if run.stopper.reason == "budget":
-        raise FatalError(f"{run.stopper.message}; the finished records are in {path}: rerun with a higher "
-                         "--max_cost to continue")
+                    chunk.end - chunk.start, counts["done"], counts["stale"], stats["rewritten"], stats["rejected"],
+                    stats["passed"], stats["failed"], stats["reasks"], describe_checks(stats, chunk.unused),
+                    usage.describe() if usage else "requests: 0", elapsed, asked / elapsed if elapsed > 0 else 0.0)
+    if usage is not None:
+        usage.write(args.usage_path, records=dict(stats))
+        usage.finish(path)
+    elif args.usage_path:
+        write_json_atomic(args.usage_path, {"stage": "reformat", "dry_run": False, "requests": 0, "cache_hits": 0,
+                                            "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+                                            "records": dict(stats), "stopped": None})
     failed_total = counts["old_failed"] + stats["failed"]
     if failed_total:
         logger.warning("%s holds %d failed records (%d from earlier runs); rerun with --retry_failed to ask "
@@ -935,60 +905,20 @@ def run_chunk(args, run, plans, path, total, start, end, how, api_key, price):
     return 0
 
 
-async def work(args, run, start, end, batch_lines, api_key, price, to_rewrite):
-    """The second pass: write the passthrough lines and send the requests of the rest."""
-    if to_rewrite:
-        await run.connect(api_key, price)
-    jobs = (record for record, _, _ in run.to_rewrite(start, end, batch_lines, write_passthrough=True))
-    try:
-        await run_pool(jobs, run.rewrite, args.concurrency, run.stopper)
-        run.policy.finish(run.stopper)
-    finally:
-        if run.client is not None:
-            run.client.remember_limits(args.model)
-            await run.client.close()
-
-
-def write_usage(args, run, report=None):
-    if not args.usage_path:
-        return
-    from realign import write_json_atomic
-
-    if report is not None:
-        data = report
-    else:
-        data = {"stage": "reformat", "dry_run": False, "records": dict(run.stats), **client_usage(run.client),
-                "stopped": run.stopper.reason}
-        if run.batch is not None:
-            data.update(run.batch.usage())
-    write_json_atomic(args.usage_path, data)
-
-
-def dry_run(args, sampling, path, total, start, end, price):
-    """Send nothing; say what the run would send, use and cost."""
-    from realign.cache import Cache
-
-    run = Run(args, sampling, None, "tokens" if args.tokenizer_path else "words")
-    cache = Cache(args.cache_dir, read=True, write=False) if args.cache else None  # only read, never written
-    limits = dry_run_limits(cache, args.base_url, args.model, args.max_requests_per_minute,
-                            args.max_tokens_per_minute)
-    # --refresh_cache: the run would answer nothing from the cache, but its limits still tell the time.
-    report = DryRunReport("reformat", None if args.refresh_cache else cache, args.tokenizer_path, price, limits,
-                          sampling.max_output_tokens)
-    batch_lines = read_batch_file(path)
-    batches = batch_api.DryPlan(args) if args.batch_api else None
-    counts, _, _, _ = tally(scan_chunk(args, run, start, end, report, batch_lines, batches), batch_lines,
-                            args.retry_failed)
-    lines = report.lines(extra=f"chunk {args.dataset_batch_id} of {args.dataset_batch_num}: "
-                               f"{end - start} records, {counts['done']} already done, "
-                               f"{counts['passthrough']} to pass through, {counts['rewrite']} to rewrite")
-    if batches is not None:  # the rate limits do not say how long batches take
-        lines = [line for line in lines if not line.startswith("  expected time")] + batches.report()
+def dry_run(args, chunk, plans, cache, api_key):
+    """Send nothing; say what the run would send, use and cost (the engine's dry run: the same
+    requests, counted instead of sent)."""
+    counts, _, _, _ = tally(plans, chunk.batch_lines, args.retry_failed)
+    transport, chunk.transport = make_transport(args, api_key, chunk.sampling)
+    usage = send_requests(chunk, transport, engine_options(args, cache, transport), "reformat")
+    lines = usage.dry.lines(extra=f"chunk {args.dataset_batch_id} of {args.dataset_batch_num}: "
+                                  f"{chunk.end - chunk.start} records, {counts['done']} already done, "
+                                  f"{counts['passthrough']} to pass through, {counts['rewrite']} to rewrite")
+    if usage.extra is not None:  # the Batch API: the rate limits do not say how long batches take
+        lines = [line for line in lines if not line.startswith("  expected time")] + usage.extra.report()
     for line in lines:
         print(line)
-    write_usage(args, run, {**report.as_dict(), **(batches.as_dict() if batches else {})})
-    if cache is not None:
-        cache.close()
+    usage.write(args.usage_path)
     return 0
 
 

@@ -39,19 +39,16 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from constant import RAG_TASKS, SEARCH_PRICE
 from realign import (
     ConfigError,
-    FatalError,
     OutputLock,
     ProgressWriter,
     check_constants,
     exits_cleanly,
     iter_progress,
     iter_records,
-    non_negative_int,
     positive_float,
     positive_int,
     refuse_overwriting_input,
@@ -59,12 +56,10 @@ from realign import (
     write_json_atomic,
     write_json_lists_atomic,
 )
-from realign.cache import open_cache, request_key
+from realign.cache import open_cache
 from realign.cli import progress_bar
-from realign.client import add_cache_arguments
-from realign.pool import RefusalPolicy, Stopper
-from realign.pricing import Budget, BudgetReached, DryRunReport, Spend
-from realign.search import SERPER_URL, SearchFailed, make_session, search
+from realign.engine import Options, Request, add_engine_arguments, send_requests
+from realign.search import SEARCH_URL_VARIABLE, SERPER_URL, SerperTransport, search_body
 
 logger = logging.getLogger("retrieval")
 
@@ -152,11 +147,6 @@ def output_paths(output_path):
             "progress": f"{stem}_progress.jsonl", "failures": f"{stem}_failures.json"}
 
 
-def search_body(query, gl, hl):
-    """What a search sends (and what its cache key is made of)."""
-    return {"q": query, "gl": gl, "hl": hl}
-
-
 def search_key(query, gl, hl):
     """Fingerprint of a search: progress made for another text or locale is not reused."""
     return hashlib.sha256(json.dumps([query, gl, hl], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
@@ -187,108 +177,57 @@ def read_finished(progress_path, keys):
 # -- searching -----------------------------------------------------------------------
 
 
-def run_searches(pending, keys, args, api_key, progress_path, stats, cache, spend, budget, price, stopper):
-    """Search the queries of ``pending`` (``{id: query}``), ``--batch_size`` at a time;
-    records that share a query share one search; the cache answers what it holds.
+class Searches:
+    """The requests of one run: one per distinct query (records sharing a query share its
+    search); each answer is appended to the progress file for every record that asked."""
 
-    Each finished record is appended to the progress file at once (from this thread
-    only), and so is a query the server refused for good. Returns ``({id: evidence},
-    {id: error} of queries that failed for now, {id: error} of refused ones)``. A stop
-    (SIGINT, SIGTERM, the budget) sends no new query; the ones already sent are waited for
-    and saved, so that nothing paid for is searched again. A FatalError stops at once.
-    """
-    found, failed, refused = {}, {}, {}
-    policy = RefusalPolicy("check --gl, --hl, --search_url and the key's Serper credits")
-    session = make_session(args.batch_size)
+    def __init__(self, pending, keys, args, progress):
+        self.pending = pending
+        self.keys = keys
+        self.args = args
+        self.progress = progress
+        self.found, self.failed, self.refused = {}, {}, {}
+        self.bar = None
 
-    def search_one(query):
-        body = search_body(query, args.gl, args.hl)
-        key = request_key(args.search_url, body)
-        reply = cache.get(key) if cache is not None else None
-        if reply is not None:
-            stats["cache_hits"] += 1
-            return extract_evidence(reply)
-        ticket = budget.reserve(0, 0, fixed=price)
-        try:
-            reply = search(session, query, api_key, url=args.search_url, gl=args.gl, hl=args.hl,
-                           timeout=args.timeout, max_retries=args.max_retries, stop=stopper.for_requests,
-                           stats=stats)
-            spend.add_search(price)
-        finally:
-            budget.settle(ticket)
-        if cache is not None:
-            cache.put(key, reply)
-        return extract_evidence(reply)
+    def requests(self):
+        ids_by_query = {}
+        for record_id, query in self.pending.items():
+            ids_by_query.setdefault(query, []).append(record_id)
+        for query, record_ids in ids_by_query.items():
+            yield Request(search_body(query, self.args.gl, self.args.hl),
+                          on_reply=lambda reply, ids=record_ids: self.save(ids, reply),
+                          on_error=lambda error, ids=record_ids: self.record_failure(ids, error))
 
-    ids_by_query = {}
-    for record_id, query in pending.items():
-        ids_by_query.setdefault(query, []).append(record_id)
-    queue = iter(ids_by_query.items())
-    in_flight = {}  # future -> the ids waiting for its query
-    window = 2 * args.batch_size  # queued ahead so no worker waits for the main thread
-    pool = ThreadPoolExecutor(max_workers=args.batch_size, thread_name_prefix="search")
-    try:
-        with ProgressWriter(progress_path) as progress, \
-                progress_bar(total=len(pending), desc="search", unit="query") as bar:
+    def save(self, record_ids, reply):
+        evidence = extract_evidence(reply)
+        for record_id in record_ids:
+            self.progress.write({"id": record_id, "key": self.keys[record_id], "evidence": evidence})
+            self.found[record_id] = evidence
+        self.bar.update(len(record_ids))
+        return True
 
-            def submit_next():
-                item = None if stopper.is_set() else next(queue, None)
-                if item is not None:
-                    in_flight[pool.submit(search_one, item[0])] = item[1]
+    def record_failure(self, record_ids, error):
+        """A query refused for good is written to the progress file (not sent again unless
+        --retry_failed); one that failed for now is only reported (a rerun retries it)."""
+        for record_id in record_ids:
+            logger.warning("id %r: search %s: %s", record_id, "refused" if error.refused else "failed", error)
+            if error.refused:
+                self.refused[record_id] = str(error)
+                self.progress.write({"id": record_id, "key": self.keys[record_id], "refused": True,
+                                     "error": str(error)})
+            else:
+                self.failed[record_id] = str(error)
+        self.bar.update(len(record_ids))
 
-            def save(record_ids, evidence):
-                for record_id in record_ids:
-                    progress.write({"id": record_id, "key": keys[record_id], "evidence": evidence})
-                    found[record_id] = evidence
 
-            def record_refused(items):
-                for record_ids, error in items:
-                    for record_id in record_ids:
-                        refused[record_id] = error
-                        progress.write({"id": record_id, "key": keys[record_id], "refused": True, "error": error})
-
-            def settle(future, record_ids):
-                try:
-                    evidence = future.result()
-                except BudgetReached as e:
-                    stopper.stop("budget", str(e))
-                except SearchFailed as e:
-                    for record_id in record_ids:
-                        logger.warning("id %r: search %s: %s", record_id, "refused" if e.permanent else "failed", e)
-                        if not e.permanent:
-                            failed[record_id] = str(e)
-                    if e.permanent:  # held until a search succeeds: wrong settings refuse every query
-                        record_refused(policy.refused((record_ids, str(e)), str(e)))
-                else:
-                    record_refused(policy.success())
-                    save(record_ids, evidence)
-                bar.update(len(record_ids))
-
-            try:
-                for _ in range(window):
-                    submit_next()
-                while in_flight:
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        settle(future, in_flight.pop(future))
-                        submit_next()
-                policy.finish(stopper)
-            except BaseException:
-                stopper.stop("error")  # no new request is sent; retry waits end at once
-                pool.shutdown(wait=True, cancel_futures=True)
-                for future, record_ids in in_flight.items():
-                    if not future.cancelled() and future.exception() is None:
-                        save(record_ids, future.result())
-                raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        session.close()
-    return found, failed, refused
+def search_options(args, cache, price):
+    """The engine's options: --batch_size searches at once (the original's flag), billed by the search."""
+    return Options(concurrency=args.batch_size, max_retries=args.max_retries, cache=cache, search_price=price,
+                   max_cost=args.max_cost, dry_run=args.dry_run,
+                   refusal_hint="check --gl, --hl, --search_url and the key's Serper credits")
 
 
 # -- command line --------------------------------------------------------------------
-
-
 
 
 def parse_args(argv=None):
@@ -305,28 +244,24 @@ def parse_args(argv=None):
                         help="searches in flight at once (default: 10)")
     parser.add_argument("--gl", default="us", help="Google country code sent with every query (default: us)")
     parser.add_argument("--hl", default="en", help="Google interface language sent with every query (default: en)")
-    parser.add_argument("--search_url", default=SERPER_URL,
-                        help=f"search endpoint, POSTed {{q, gl, hl}} as JSON (default: {SERPER_URL})")
-    parser.add_argument("--max_retries", type=non_negative_int, default=5,
-                        help="retries of a query after a rate limit, server error, timeout or connection "
-                             "error, with backoff honouring Retry-After (default: 5)")
+    parser.add_argument("--search_url", default=None,
+                        help=f"search endpoint, POSTed {{q, gl, hl}} as JSON (default: ${SEARCH_URL_VARIABLE}, "
+                             f"else {SERPER_URL})")
     parser.add_argument("--timeout", type=positive_float, default=30.0,
                         help="seconds to wait for one reply (default: 30)")
     parser.add_argument("--retry_failed", action=argparse.BooleanOptionalAction, default=False,
                         help="search again the queries the server refused for good in an earlier run "
                              "(default: off)")
-    add_cache_arguments(parser)
-    parser.add_argument("--dry_run", action=argparse.BooleanOptionalAction, default=False,
-                        help="send nothing: print how many searches the run would send and their cost")
-    parser.add_argument("--max_cost", type=positive_float, default=None,
-                        help="stop sending searches before the spend of this run would pass this many USD")
     parser.add_argument("--price_per_search", type=positive_float, default=None,
                         help=f"USD per search (default: constant.SEARCH_PRICE, {SEARCH_PRICE})")
-    parser.add_argument("--usage_path", default=None,
-                        help="also write this run's searches and spend (with --dry_run: the estimate) as JSON")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
                         help="log every retry (default: off)")
+    group = parser.add_argument_group("requests")
+    add_engine_arguments(group, default_max_retries=5, concurrency=False,
+                         usage_help="also write this run's searches and spend (with --dry_run: the estimate) as "
+                                    "JSON to this file (default: not written)")
     args = parser.parse_args(argv)
+    args.search_url = args.search_url or os.environ.get(SEARCH_URL_VARIABLE) or SERPER_URL
     if not args.search_url.startswith(("http://", "https://")):
         parser.error(f"--search_url must start with http:// or https://, got {args.search_url!r}")
     return args
@@ -350,19 +285,19 @@ def main(argv=None) -> int:
             wanted[record["id"]] = record["items"][0]["value"]
     keys = {record_id: search_key(query, args.gl, args.hl) for record_id, query in wanted.items()}
     price = SEARCH_PRICE if args.price_per_search is None else args.price_per_search
-    cache = None
+    evidence, refused, stale = read_finished(paths["progress"], keys)
+    if args.retry_failed and refused:
+        logger.info("--retry_failed: searching again %d queries the server refused before", len(refused))
+        refused = {}
+    pending = {record_id: query for record_id, query in wanted.items()
+               if record_id not in evidence and record_id not in refused}
+    cache = open_cache(args)  # an unusable cache stops here, before anything is written
     if args.dry_run:
-        cache = open_cache(args, write=False)
-        return dry_run(args, paths, wanted, keys, cache, price)
-    evidence, refused, _ = read_finished(paths["progress"], keys)
-    to_search = sum(record_id not in evidence and (record_id not in refused or args.retry_failed)
-                    for record_id in wanted)
-    api_key = serper_api_key(to_search) if to_search else None  # before anything is written
-    if args.cache:  # an unusable cache stops here, before anything is written
-        open_cache(args).close()
+        return dry_run(args, paths, wanted, evidence, pending, cache, price)
+    api_key = serper_api_key(len(pending)) if pending else None  # before anything is written
     with OutputLock(paths["progress"]):
-        cache = open_cache(args)
-        return search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn, api_key)
+        return search_and_write(args, paths, wanted, keys, evidence, refused, stale, pending, cache, price, total,
+                                multi_turn, api_key)
 
 
 def serper_api_key(queries):
@@ -374,45 +309,35 @@ def serper_api_key(queries):
     return api_key
 
 
-def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn, api_key):
-    evidence, refused, stale = read_finished(paths["progress"], keys)
-    if args.retry_failed and refused:
-        logger.info("--retry_failed: searching again %d queries the server refused before", len(refused))
-        refused = {}
+def search_and_write(args, paths, wanted, keys, evidence, refused, stale, pending, cache, price, total, multi_turn,
+                     api_key):
     if stale:
         logger.warning("%s: %d lines were made for another query text or locale: searching them again",
                        paths["progress"], stale)
-    pending = {record_id: query for record_id, query in wanted.items()
-               if record_id not in evidence and record_id not in refused}
     logger.info("%d records, %d to search: %d finished in %s, %d refused before (not sent again; "
                 "--retry_failed to try them), %d to go", total, len(wanted), len(evidence), paths["progress"],
                 len(refused), len(pending))
-
     resumed = len(evidence)
-    stats, failed = collections.Counter(), {}
-    spend = Spend()
-    spend.search_price = price
-    budget = Budget(args.max_cost, spend)
-    stopper = Stopper()
+    usage, failed = None, {}
     if pending:
-        api_key = api_key or serper_api_key(len(pending))
-        with stopper.signals_handled():
-            found, failed, newly_refused = run_searches(pending, keys, args, api_key, paths["progress"], stats,
-                                                        cache, spend, budget, price, stopper)
-        evidence.update(found)
-        refused.update(newly_refused)
+        with ProgressWriter(paths["progress"]) as progress, \
+                progress_bar(total=len(pending), desc="search", unit="query") as bar:
+            searches = Searches(pending, keys, args, progress)
+            searches.bar = bar
+            transport = SerperTransport(args.search_url, api_key, args.timeout, args.batch_size)
+            usage = send_requests(searches.requests(), transport, search_options(args, cache, price), "retrieval")
+        evidence.update(searches.found)
+        refused.update(searches.refused)
+        failed = searches.failed
     if cache is not None:
         cache.close()
     summary = (f"searched now: {len(evidence) - resumed}, from progress: {resumed}, refused: {len(refused)}, "
-               f"failed: {len(failed)}, requests: {stats['requests']}, retries: {stats['retries']}, "
-               f"cache hits: {stats['cache_hits']}, {spend.describe()}")
-    write_usage(args, stats, spend, stopper)
-    if stopper.is_set():
-        logger.info("stopped (%s): %s; outputs not written: rerun to continue", stopper.reason, summary)
-        if stopper.reason == "budget":
-            raise FatalError(f"{stopper.message}; the finished searches are in {paths['progress']}: rerun with a "
-                             "higher --max_cost to continue")
-        raise KeyboardInterrupt
+               f"failed: {len(failed)}, {usage.describe() if usage else 'requests: 0'}")
+    if usage is not None:
+        usage.write(args.usage_path)
+        if usage.stopped:
+            logger.info("stopped (%s): %s; outputs not written: rerun to continue", usage.stopped, summary)
+            usage.finish(paths["progress"])
 
     counts = collections.Counter()
 
@@ -452,30 +377,14 @@ def search_and_write(args, paths, wanted, keys, cache, price, total, multi_turn,
     return 1 if failed_ids else 0
 
 
-def write_usage(args, stats, spend, stopper, report=None):
-    if args.usage_path:
-        write_json_atomic(args.usage_path, report or {
-            "stage": "retrieval", "dry_run": False, "requests": stats["requests"], "searches": spend.searches,
-            "cache_hits": stats["cache_hits"], "cost_usd": spend.cost, "stopped": stopper.reason})
-
-
-def dry_run(args, paths, wanted, keys, cache, price):
+def dry_run(args, paths, wanted, evidence, pending, cache, price):
     """Send nothing; say how many searches the run would send and what they cost."""
-    evidence, refused, _ = read_finished(paths["progress"], keys)
-    report = DryRunReport("retrieval", cache, None, None, {}, search_price=price)
-    seen_queries = set()
-    for record_id, query in wanted.items():
-        if record_id in evidence or (record_id in refused and not args.retry_failed) or query in seen_queries:
-            continue
-        seen_queries.add(query)
-        if report.is_cached(request_key(args.search_url, search_body(query, args.gl, args.hl))):
-            report.add_cached()
-        else:
-            report.add_search()
-    for line in report.lines(extra=f"{len(wanted)} records to search, {len(evidence)} in "
-                                   f"{paths['progress']}"):
+    searches = Searches(pending, {}, args, None)
+    transport = SerperTransport(args.search_url, None, args.timeout)
+    usage = send_requests(searches.requests(), transport, search_options(args, cache, price), "retrieval")
+    for line in usage.dry.lines(extra=f"{len(wanted)} records to search, {len(evidence)} in {paths['progress']}"):
         print(line)
-    write_usage(args, None, None, None, report.as_dict())
+    usage.write(args.usage_path)
     if cache is not None:
         cache.close()
     return 0

@@ -1,44 +1,38 @@
-"""The Batch API mode of reformat.py (``--batch_api``): the same requests, sent as batches.
+"""OpenAI's Batch API as a transport of the request engine (reformat.py ``--batch_api``).
 
 OpenAI's Batch API answers within 24 hours at half the online price, from a rate-limit
-pool of its own: the mode for tens of thousands of records and more. reformat.py chooses
-the mode; the records, prompts, sampling, parsing, the choice of candidate, the batch-file
-lines and their fingerprints, the cache and the model check are the online mode's, reached
-through the same ``reformat.Run``. A chunk's life:
+pool of its own: the mode for tens of thousands of records and more. The requests, their
+cache keys, the reply handler and the spend rules are the engine's and the stage's, as
+online; :class:`BatchTransport` only replaces the engine's pool by rounds of request
+files (:meth:`BatchTransport.run`). The stage hands over a re-iterable of requests, each
+with a stable ``name`` (its custom id base: the record id and the fingerprint of its
+request), and rebuilds them on every pass; a request the reply handler asks again for
+(the same body) goes into the next round, its ``state`` kept in the record file. A chunk's
+life:
 
-1. **Request files.** The records still to rewrite (no standing line in the batch file, no
-   usable reply in the cache, not in a batch already recorded) are written to
-   ``<output_directory>/batches_{i}_of_{N}/requests_0001.jsonl``, ... of at most
-   ``--batch_max_requests`` lines and ``--batch_max_bytes`` bytes. A line is
+1. **Request files.** The requests not answered by the cache and not in a batch already
+   recorded are written to ``<output_directory>/batches_{i}_of_{N}/requests_0001.jsonl``,
+   ... of at most ``--batch_max_requests`` lines and ``--batch_max_bytes`` bytes. A line is
    ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``; the body is
-   the request the online mode would send (the client's :class:`~realign.client.Adapter`
-   names its fields), so the reply is cached under the online request's key. Before the
-   first file, records are asked online until one succeeds (one request, normally): the
-   parameters the model refuses (a reasoning model's ``temperature``, ...) are then learned
-   before thousands of lines are sent the wrong way.
+   what the online transport would send, so the reply is cached under the online request's
+   key. Before the first file, requests are asked online until one succeeds (one,
+   normally): the parameters the model refuses are learned before thousands of lines are
+   sent the wrong way.
 2. **Upload and create**, each recorded the moment it returns in
-   ``<output_directory>/batches_{i}_of_{N}.json`` (written atomically): the request file,
-   its sha256, the file id, the batch id, status, request counts, rounds. A transient
-   failure (5xx, 429, timeout, connection) is retried with backoff up to ``--max_retries``
-   times; before each retry, and on a rerun after a crash between a call and its record,
-   the server's list is searched (the upload by its name, the batch by its input file), so
-   that a call the server did carry out is adopted, never made twice.
-3. **Poll** every ``--poll_interval`` seconds (a progress bar of the request counts);
-   once a batch is completed, expired, cancelled or failed, its output and error files are
-   downloaded and joined to the records by ``custom_id`` (order is not kept; a custom id
-   holds the record id and the line's fingerprint, so a reply made with other settings
-   never stands for a record). Each line is appended to the batch file as online.
-4. **Resubmission.** A line in the error file, or a reply without a usable candidate, is
-   sent again in a new round, up to ``--max_retries`` errors and ``--max_parse_retries``
-   unusable replies as online; then it is written as a failed record. With
-   ``--batch_fallback_online`` the last try goes online instead. The completed lines of an
-   expired or cancelled batch are kept; only the rest is sent again.
+   ``<output_directory>/batches_{i}_of_{N}.json`` (written atomically). The calls go through
+   the engine's retry loop; before each retry, and on a rerun after a crash between a call
+   and its record, the server's list is searched (the upload by its name, the batch by its
+   input file), so that a call the server did carry out is adopted, never made twice.
+3. **Poll** every ``--poll_interval`` seconds; once a batch is completed, expired,
+   cancelled or failed, its output and error files are downloaded and each line handed to
+   its request's reply handler (by custom id).
+4. **Resubmission.** A line in the error file is sent again in a new round, up to
+   ``--max_retries`` errors; a reply the handler asks again for, as it decides (reformat:
+   ``--max_parse_retries``). With ``--batch_fallback_online`` the last try goes online.
 
-A rerun after a kill at any moment picks up the record file: request files not yet
-uploaded are uploaded, uploads not yet in a batch are put in one, running batches are
-polled, finished ones downloaded again (lines already in the batch file are not written
-twice). ``--batch_cancel`` cancels the chunk's running batches; the next run keeps what
-they answered and sends the rest again. The API key is in no file written here.
+A rerun after a kill at any moment picks up the record file. ``--batch_cancel`` cancels
+the chunk's running batches; the next run keeps what they answered and sends the rest
+again. The API key is in no file written here.
 """
 
 import asyncio
@@ -50,12 +44,13 @@ import os
 import re
 import time
 
+from dataclasses import dataclass
+
 from realign.cli import FatalError, progress_bar
-from realign.client import CHAT, Adapter, Client, Refusal, merge_replies
+from realign.engine import ADAPTABLE_CODES, Refusal, RequestFailed, Response, call_with_retries, error_of
 from realign.pool import Stopped, run_pool, sleep_unless_stopped
-from realign.pricing import Spend, price_of_run
+from realign.pricing import Spend
 from realign.records import InputError, write_json_atomic
-from realign.retry import is_transient_status, parse_retry_after_ms, retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +130,36 @@ def describe_problem(status, error):
     if status is None:
         return str(code or "no reply")
     return f"HTTP {status}" + (f" {code}" if code else "")
+
+
+@dataclass
+class BatchSettings:
+    """What the Batch API mode of one chunk needs of the command line."""
+
+    record_path: str  # batches_{i}_of_{N}.json
+    requests_folder: str  # batches_{i}_of_{N}/
+    chunk: str  # "{i}_of_{N}", in upload names and batch metadata
+    label: str  # the progress bar's name
+    model: str
+    max_requests: int = 50_000
+    max_bytes: int = 200_000_000
+    poll_interval: float = 60.0
+    fallback_online: bool = False
+    max_retries: int = 8
+    max_parse_retries: int = 2
+    concurrency: int = 16
+    max_cost: float | None = None
+
+
+def settings_from_args(args):
+    folder, i, n = args.output_directory, args.dataset_batch_id, args.dataset_batch_num
+    return BatchSettings(record_path=record_path(folder, i, n),
+                         requests_folder=os.path.join(folder, REQUESTS_FOLDER.format(batch_id=i, batch_num=n)),
+                         chunk=f"{i}_of_{n}", label=f"batches of chunk {i}", model=args.model,
+                         max_requests=args.batch_max_requests, max_bytes=args.batch_max_bytes,
+                         poll_interval=args.poll_interval, fallback_online=args.batch_fallback_online,
+                         max_retries=args.max_retries, max_parse_retries=args.max_parse_retries,
+                         concurrency=args.concurrency, max_cost=args.max_cost)
 
 
 def add_batch_arguments(parser):
@@ -226,61 +251,60 @@ def running_batches(path):
 # -- the Batch API calls -------------------------------------------------------------
 
 
-class BatchAPI:
-    """Files and batches through the client's SDK, each call retried while what fails is
-    transient; an error that will not heal stops the run (FatalError)."""
+class BatchCalls:
+    """Files and batches through the online transport's SDK, each call through the engine's
+    retry loop; an error that will not heal stops the run (FatalError)."""
 
-    def __init__(self, client, max_retries, stopper, record_path):
-        import openai
-
-        self._openai = openai
-        self.sdk = client.sdk
-        self.server = client.server
+    def __init__(self, online, max_retries, stopper, record_path):
+        self.online = online
+        self.sdk = online.sdk
+        self.server = online.server
         self.max_retries = max_retries
         self.stopper = stopper
         self.record_path = record_path
-        self.retries = 0
+        self.stats = collections.Counter()
 
     async def call(self, what, request, recover=None, harmless=(), hint=""):
-        """``(result, adopted)``: ``await request()``, retried; before a retry, ``recover()``
-        may find what the failed call did after all (then ``adopted`` is True). An HTTP
-        status in ``harmless`` gives ``(None, False)``."""
-        openai = self._openai
-        attempt = 0
-        while True:
-            if self.stopper.requests_blocked():
-                raise Stopped(self.stopper.reason)
-            retry_after = None
-            try:
-                return await request(), False
-            except openai.APIStatusError as e:
-                status = e.status_code
-                if status in harmless:
-                    return None, False
-                if status in (401, 403):
-                    # The server's message may quote part of the key: do not repeat it.
-                    raise FatalError(f"{what}: the API server refused the credentials (HTTP {status}); "
-                                     "check OPENAI_API_KEY") from None
-                body = e.body.get("error", e.body) if isinstance(e.body, dict) else None
-                message = str(body.get("message") or "")[:300] if isinstance(body, dict) else ""
-                if not is_transient_status(status):
-                    raise FatalError(f"{what}: HTTP {status}: {message or 'refused'}{hint}") from None
-                retry_after = parse_retry_after_ms(e.response.headers if e.response is not None else None)
-                problem = f"HTTP {status}"
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                problem = e.__class__.__name__
-            if attempt >= self.max_retries:
-                raise FatalError(f"{what}: failed after {attempt + 1} attempts ({problem}); what was done is "
-                                 f"recorded in {self.record_path}: rerun to continue") from None
-            delay = retry_delay(attempt, retry_after)
-            logger.warning("%s: %s; retry %d of %d in %.1f s", what, problem, attempt + 1, self.max_retries, delay)
-            self.retries += 1
-            attempt += 1
-            await sleep_unless_stopped(self.stopper, delay)
-            if recover is not None:
-                found = await recover()
-                if found is not None:
-                    return found, True
+        """``(result, adopted)``: ``await request()`` (an SDK call), retried while what fails is
+        transient; before a retry, ``recover()`` may find what the failed call did after all
+        (then ``adopted`` is True). An HTTP status in ``harmless`` gives ``(None, False)``."""
+        adopted = []
+
+        async def found_after_all():
+            found = await recover()
+            if found is None:
+                return None
+            adopted.append(True)
+            return Response(200, {}, found)
+
+        try:
+            response = await call_with_retries(
+                lambda: self.online.call(request), self, what=what, max_retries=self.max_retries,
+                stopper=self.stopper, stats=self.stats, accept=(200, 404, *harmless),
+                recover=found_after_all if recover is not None else None)
+        except (Refusal, RequestFailed) as e:
+            status = getattr(e, "status", None)
+            if isinstance(e, RequestFailed) and not e.refused:
+                raise FatalError(f"{what}: {e}; what was done is recorded in {self.record_path}: rerun to "
+                                 "continue") from None
+            message = e.message if isinstance(e, Refusal) else str(e)
+            raise FatalError(f"{what}: HTTP {status}: {message[:300] or 'refused'}{hint}") from None
+        if response.status == 404:  # no such path or object here: not the Batch API we need
+            message = str(error_of(response.body).get("message") or "not found")[:300]
+            raise FatalError(f"{what}: HTTP 404: {message}{hint}")
+        if response.status != 200:
+            return None, False
+        return response.body, bool(adopted)
+
+    # What the engine's retry loop asks of a transport, for these calls.
+    name = "the API server"
+
+    @staticmethod
+    def is_reply(body):
+        return True
+
+    def fatal_message(self, verdict, status, error):
+        return self.online.fatal_message(verdict, status, error)
 
     async def pages(self, list_page):
         """The items of a paginated list (newest first), page after page."""
@@ -406,21 +430,40 @@ class _RequestFile:
         os.replace(self._tmp, self.path)
 
 
-class BatchMode:
-    """The Batch API mode of one chunk: ``await BatchMode(...).work(to_rewrite)``."""
+class BatchTransport:
+    """The Batch API in front of the online transport (which it borrows for keys, bodies and
+    adaptation, and for the online probe and last tries); priced at the batch price."""
 
-    def __init__(self, args, run, start, end, batch_lines, api_key, price):
-        self.args = args
-        self.run = run
-        self.start, self.end = start, end
-        self.batch_lines = batch_lines
-        self.api_key = api_key
+    def __init__(self, online, settings, price):
+        self.online = online
+        self.settings = settings
         self.price = price  # the batch price, or None
-        self.online_price = price_of_run(args, args.model)
-        self.spend = Spend(price)  # what the batch lines used
-        self.chunk = f"{args.dataset_batch_id}_of_{args.dataset_batch_num}"
-        self.record = BatchRecord(record_path(args.output_directory, args.dataset_batch_id, args.dataset_batch_num),
-                                  self.chunk)
+
+    def __getattr__(self, name):  # key, wire, learn, estimate_prompt, ...: the online transport's
+        return getattr(self.online, name)
+
+    async def run(self, run, requests):
+        """The engine's send step in this mode: rounds of request files (a dry run counts them)."""
+        mode = BatchMode(self, run, requests)
+        run.usage.extra = mode
+        if run.dry is not None:
+            await mode.count()
+        else:
+            await mode.work()
+
+
+class BatchMode:
+    """The Batch API mode of one chunk: ``await BatchMode(transport, run, requests).work()``."""
+
+    def __init__(self, transport, run, requests):
+        self.transport = transport
+        self.online = transport.online
+        self.settings = transport.settings
+        self.run = run
+        self.requests = requests  # re-iterable: rebuilt at each pass, without the finished ones
+        self.price = transport.price
+        self.spend = Spend(self.price)  # what the batch lines used
+        self.record = BatchRecord(self.settings.record_path, self.settings.chunk)
         self.stopper = run.stopper
         self.api = None
         self.parts = {}  # entry index -> {base custom id: lines}, for the entries this run waits for
@@ -429,27 +472,17 @@ class BatchMode:
         self.held_back = set()  # lines of a batch refused for the enqueued-token limit: wait for room
         self.expected_completion = self.actual_completion = 0
         self.bar = None
-        run.batch = self
+        self.plan = None  # the DryPlan of a dry run
 
     # -- the loop ------------------------------------------------------------------
 
-    async def work(self, to_rewrite):
-        run = self.run
-        if not to_rewrite:
-            for _ in run.to_rewrite(self.start, self.end, self.batch_lines, write_passthrough=True):
-                pass
-            if self.record.uncollected():
-                logger.info("%s: every line of the chunk is done; batches recorded there and not collected are "
-                            "left alone (--batch_cancel cancels them)", self.record.path)
-            return
-        await run.connect(self.api_key, self.online_price)
-        self.api = BatchAPI(run.client, self.args.max_retries, self.stopper, self.record.path)
+    async def work(self):
+        self.api = BatchCalls(self.online, self.settings.max_retries, self.stopper, self.record.path)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         hard_stop = self.stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(task.cancel))
         try:
             await self._loop()
-            run.policy.finish(self.stopper)
         except (Stopped, asyncio.CancelledError):
             if not self.stopper.is_set():
                 raise
@@ -461,33 +494,37 @@ class BatchMode:
                 logger.warning("%d batches keep running at the server; rerun to collect them (or --batch_cancel "
                                "to cancel them)", sum(1 for i in self.parts if self.record.entries[i].get("batch_id")))
             if self.stopper.reason == "budget":
-                self.stopper.message = f"budget reached: ${self.committed():.4f} of ${self.args.max_cost:.4f}"
-            run.client.remember_limits(self.args.model)
-            await run.client.close()
+                self.stopper.message = f"budget reached: ${self.committed():.4f} of ${self.settings.max_cost:.4f}"
 
     async def _loop(self):
         await self._resume()
-        first, dirty = True, True
+        dirty = True
         while True:
             if dirty:
-                await self._submit(write_passthrough=first)
-                first, dirty = False, False
+                await self._submit()
+                dirty = False
             if self.stopper.requests_blocked() or not self.parts:
+                if not self.parts and self.record.uncollected() and not self.stats["answered"]:
+                    logger.info("%s: every line of the chunk is done; batches recorded there and not collected "
+                                "are left alone (--batch_cancel cancels them)", self.record.path)
                 return
             finished = await self._poll()
             for index in finished:
                 await self._collect(index)
                 dirty = True
             if not finished:
-                await sleep_unless_stopped(self.stopper, self.args.poll_interval)
+                await sleep_unless_stopped(self.stopper, self.settings.poll_interval)
+
+    def _wanted(self):
+        """``{base custom id: request}`` of the requests still wanted (one pass over the chunk)."""
+        return {request.name: request for request in self.requests}
 
     async def _resume(self):
         """Carry on with the request files and batches an earlier run recorded."""
         uncollected = self.record.uncollected()
         if not uncollected:
             return
-        wanted = {custom_id(record["id"], fp)
-                  for record, _, fp in self.run.to_rewrite(self.start, self.end, self.batch_lines)}
+        wanted = {request.name for request in self.requests}
         ignored = 0
         for index, entry in uncollected:
             if entry.get("server") != self.api.server:
@@ -569,66 +606,84 @@ class BatchMode:
 
     def committed(self):
         """Spent (batch lines and online requests) plus the estimate of the running batches, USD."""
-        client = self.run.client
-        return self.spend.cost + (client.spend.cost if client is not None else 0.0) + self._running_estimate()
+        return self.spend.cost + self.run.spend.cost + self._running_estimate()
 
-    def _estimate(self, record, logical):
+    def _estimate(self, request):
         if self.price is None:
             return 0.0
         ratio = max(1.0, self.actual_completion / self.expected_completion) if self.expected_completion else 1.0
-        prompt = self.run.client.estimate_prompt_tokens(logical)[0]
-        return self.price.cost(prompt, self.run.expected_output(record) * ratio)
+        prompt = self.run.estimate(request.body)[0]
+        return self.price.cost(prompt, request.expected_output * ratio)
 
     def _online_budget(self):
         """Let the online requests spend what the batches leave of ``--max_cost``."""
-        if self.args.max_cost is not None:
-            self.run.client.budget.cap = self.args.max_cost - self.spend.cost - self._running_estimate()
+        if self.settings.max_cost is not None:
+            self.run.budget.cap = self.settings.max_cost - self.spend.cost - self._running_estimate()
 
     def _over_budget(self, estimate):
-        return self.args.max_cost is not None and self.committed() + estimate > self.args.max_cost
+        return self.settings.max_cost is not None and self.committed() + estimate > self.settings.max_cost
 
     def _stop_for_budget(self):
-        self.stopper.stop("budget", f"budget reached: ${self.committed():.4f} of ${self.args.max_cost:.4f}")
+        self.stopper.stop("budget", f"budget reached: ${self.committed():.4f} of ${self.settings.max_cost:.4f}")
         logger.warning("--max_cost %.4f: no more batches are created (spent and running: $%.4f); the running ones "
-                       "are collected", self.args.max_cost, self.committed())
+                       "are collected", self.settings.max_cost, self.committed())
+
+    # -- the state of a line across rounds ---------------------------------------------
+
+    def _attempt(self, base):
+        tried = self.record.attempts.setdefault(base, {})
+        for name in ("sent", "errors", "replies"):
+            tried.setdefault(name, 0)
+        return tried
+
+    def _restore(self, request):
+        """The request as the stage rebuilt it, with what earlier rounds left in its ``state``."""
+        tried = self.record.attempts.get(request.name)
+        if tried and isinstance(tried.get("state"), dict):
+            request.state.update(tried["state"])
+        return tried
+
+    def _last_try(self, tried):
+        return (tried.get("errors", 0) >= self.settings.max_retries
+                or tried.get("replies", 0) >= self.settings.max_parse_retries)
 
     # -- writing request files, uploading, creating -------------------------------------
 
-    async def _submit(self, write_passthrough):
-        """One pass over the chunk: lines from the cache, the online probe, request files."""
-        args, run, client = self.args, self.run, self.run.client
+    async def _submit(self):
+        """One pass over the chunk: answers from the cache, the online probe, request files."""
+        settings = self.settings
         in_batches = {base for parts in self.parts.values() for base in parts}
         if any(self.record.entries[i].get("batch_id") for i in self.parts):
             in_batches |= self.held_back  # sent again once this chunk's running batches are done
         else:
             self.held_back.clear()
         current, online, files, resent = None, [], 0, False
-        for record, messages, fp in run.to_rewrite(self.start, self.end, self.batch_lines, write_passthrough):
-            base = custom_id(record["id"], fp)
+        for request in self.requests:
+            base = request.name
             if base in in_batches or self.stopper.is_set():
                 continue
-            logical = Client.logical_chat(messages, run.sampling)
-            if self._from_cache(record, fp, logical):
+            tried = self._restore(request)
+            if await self._from_cache(request):
                 continue
-            tried = self.record.attempts.get(base)
-            if tried and args.batch_fallback_online and self._last_try(tried):
-                online.append((record, tried))
+            if tried and settings.fallback_online and self._last_try(tried):
+                online.append(request)
                 continue
             if self.probing:
-                await self._probe(record)
+                await self._probe(request)
                 continue
-            bodies = client.adapters[CHAT].apply(logical)
+            bodies = self.online.wire(request.body)
             data = b"".join(request_line(part_id(base, k, len(bodies)), body) for k, body in enumerate(bodies))
-            if len(data) > args.batch_max_bytes or len(bodies) > args.batch_max_requests:
-                run.write(run.failed_line(record, fp, f"its request is {len(data):,} bytes in {len(bodies)} lines, "
-                                                      "more than --batch_max_bytes / --batch_max_requests allow"))
+            if len(data) > settings.max_bytes or len(bodies) > settings.max_requests:
+                await self.run.fail(request, RequestFailed(
+                    f"its request is {len(data):,} bytes in {len(bodies)} lines, more than --batch_max_bytes / "
+                    "--batch_max_requests allow"))
                 continue
-            estimate = self._estimate(record, logical)
+            estimate = self._estimate(request)
             if self._over_budget((current.estimate if current else 0.0) + estimate):
                 self._stop_for_budget()
                 continue
-            if current is not None and not current.fits(len(bodies), len(data), args.batch_max_requests,
-                                                        args.batch_max_bytes):
+            if current is not None and not current.fits(len(bodies), len(data), settings.max_requests,
+                                                        settings.max_bytes):
                 files, resent = files + 1, resent or current.resubmitted > 0
                 await self._finish_file(current)
                 current = None
@@ -648,62 +703,48 @@ class BatchMode:
                 self.stats["resubmission_rounds"] += 1
             self.record.save()
 
-    def _from_cache(self, record, fp, logical):
-        client = self.run.client
-        if client.cache is None:
+    async def _from_cache(self, request):
+        """Whether the cache answered the request for good (a reply the stage used)."""
+        hit = await self.run.cached_reply(request)
+        if hit is None:
             return False
-        reply = client.cache.get(client.key(CHAT, logical))
-        if reply is None:
+        self.run.stats["cache_hits"] += 1
+        follow = await self.run.deliver(request, hit, cached=True)
+        if follow is not None:  # the stage did not use it: the request goes into a batch, fresh
+            request.state = follow.state
             return False
-        line, _ = self.run.line_from_reply(record, fp, reply)
-        if line is None:
-            return False
-        client.stats["cache_hits"] += 1
         self.stats["cached"] += 1
-        self.run.write(line)
+        self.record.attempts.pop(request.name, None)
         return True
 
-    def _last_try(self, tried):
-        return tried["errors"] >= self.args.max_retries or tried["unusable"] >= self.args.max_parse_retries
-
-    async def _probe(self, record):
-        """Ask one record online, so the adapter learns what the model refuses before the
-        first batch; stop probing after a success or an error that was not a refusal."""
-        policy = self.run.policy
-        held = len(policy.held)
+    async def _probe(self, request):
+        """Ask one request online, so the online transport learns what the model refuses
+        before the first batch; stop probing after a success or an error that was not a refusal."""
+        run = self.run
+        held = len(run.held)
         self._online_budget()
         try:
-            await self.run.rewrite(record)
+            await run.converse(request)
         except Stopped:
             return
         self.stats["probes"] += 1
-        if policy.succeeded or len(policy.held) == held:
+        if run.succeeded or len(run.held) == held:
             self.probing = False
-            notes = self.run.client.adaptations()
+            notes = self.online.adaptations()
             if notes != "none":
                 logger.info("the batch lines are sent as the server accepts them: %s", notes)
 
-    async def _online(self, items):
+    async def _online(self, requests):
         """The last try of failed lines, online (``--batch_fallback_online``)."""
-        logger.info("sending the last try of %d lines online (--batch_fallback_online)", len(items))
+        logger.info("sending the last try of %d lines online (--batch_fallback_online)", len(requests))
         self._online_budget()
-        args = self.args
-
-        async def ask(item):
-            record, tried = item
-            self.stats["fallback"] += 1
-            asked = tried["unusable"]
-            await self.run.rewrite(record, asks=max(1, args.max_parse_retries + 1 - asked), asked=asked,
-                                   tally=self._tally(tried))
-
-        await run_pool(items, ask, args.concurrency, self.stopper)
-        for record, _ in items:
-            if record["id"] in self.run.finished:
-                self.record.attempts.pop(custom_id(record["id"], self.run.plan(record)[2]), None)
+        self.stats["fallback"] += len(requests)
+        await run_pool(requests, self.run.converse, self.settings.concurrency, self.stopper)
+        for request in requests:
+            self.record.attempts.pop(request.name, None)
 
     def _next_request_path(self):
-        folder = REQUESTS_FOLDER.format(batch_id=self.args.dataset_batch_id, batch_num=self.args.dataset_batch_num)
-        return os.path.join(self.record.folder, folder, f"requests_{len(self.record.entries) + 1:04d}.jsonl")
+        return os.path.join(self.settings.requests_folder, f"requests_{len(self.record.entries) + 1:04d}.jsonl")
 
     async def _finish_file(self, current):
         """Record a complete request file and send it."""
@@ -713,8 +754,8 @@ class BatchMode:
         entry = {"request_file": os.path.relpath(current.path, self.record.folder), "sha256": sha,
                  "bytes": current.bytes, "lines": current.lines, "records": current.records,
                  "round": self.record.data["rounds"] + 1, "resubmitted_lines": current.resubmitted,
-                 "server": self.api.server, "model": self.args.model,
-                 "upload_name": f"realign_{self.chunk}_{name[:-len('.jsonl')]}_{sha[:12]}.jsonl",
+                 "server": self.api.server, "model": self.settings.model,
+                 "upload_name": f"realign_{self.settings.chunk}_{name[:-len('.jsonl')]}_{sha[:12]}.jsonl",
                  "estimated_cost": round(current.estimate, 6), "written_at": time.time(), "status": "written",
                  "collected": False}
         self.record.entries.append(entry)
@@ -749,7 +790,7 @@ class BatchMode:
             look = bool(entry.get("create_tried"))
             entry["create_tried"] = True
             self.record.save()
-            metadata = {"realign_chunk": self.chunk, "realign_request_file": entry["request_file"][-500:]}
+            metadata = {"realign_chunk": self.settings.chunk, "realign_request_file": entry["request_file"][-500:]}
             batch, adopted = await self.api.create(entry["file_id"], metadata, entry["uploaded_at"], look)
             entry.update(batch_id=batch.id, created_at=time.time(), batch_adopted=adopted, **batch_state(batch))
             self.record.save()
@@ -786,7 +827,7 @@ class BatchMode:
         counts = [e.get("request_counts") or {} for e in entries]
         done = sum((c.get("completed") or 0) + (c.get("failed") or 0) for c in counts)
         if self.bar is None:
-            self.bar = progress_bar(total=total, unit="line", desc=f"batches of chunk {self.args.dataset_batch_id}")
+            self.bar = progress_bar(total=total, unit="line", desc=self.settings.label)
         statuses = collections.Counter(e.get("status") for e in entries)
         self.bar.total = total
         self.bar.n = min(done, total)
@@ -794,7 +835,7 @@ class BatchMode:
         self.bar.refresh()
 
     async def _collect(self, index):
-        """Download a finished batch's results and join them to the records."""
+        """Download a finished batch's results and hand them to the requests' handlers."""
         entry = self.record.entries[index]
         results = {}
         for name in ("output_file_id", "error_file_id"):
@@ -809,27 +850,27 @@ class BatchMode:
             if reply is not None:
                 self.spend.add_usage(reply.get("usage"))
         if any(line_reply(line) is not None for line in results.values()):
-            for held in self.run.policy.success():
-                self.run.write(held)
+            await self.run.note_success()
         refused = {cid for cid, line in results.items() if line_error(line)[0] in (400, 413, 422)}
         sent = self._sent_bodies(entry, refused) if refused else {}
         parts = self.parts[index]
-        for record, messages, fp in self.run.to_rewrite(self.start, self.end, self.batch_lines):
-            base = custom_id(record["id"], fp)
+        for request in self.requests:
+            base = request.name
             if base not in parts:
                 continue
+            self._restore(request)
             ids = [part_id(base, k, parts[base]) for k in range(parts[base])]
             lines = [results.get(cid) for cid in ids]
             if any(line is None for line in lines):
-                outcome[self._unanswered(record, fp, base, entry)] += 1
+                outcome[await self._unanswered(request, entry)] += 1
                 continue
             replies = [line_reply(line) for line in lines]
             if all(reply is not None for reply in replies):
-                reply = replies[0] if len(replies) == 1 else merge_replies(replies)
-                outcome[self._answered(record, messages, fp, base, reply)] += 1
+                reply = replies[0] if len(replies) == 1 else self.online.merge(replies)
+                outcome[await self._answered(request, reply)] += 1
                 continue
             status, error = next(line_error(line) for line, reply in zip(lines, replies) if reply is None)
-            outcome[self._failed(record, messages, fp, base, status, error, [sent.get(cid) for cid in ids])] += 1
+            outcome[await self._failed(request, status, error, [sent.get(cid) for cid in ids])] += 1
         entry.update(collected=True, collected_at=time.time())
         del self.parts[index]
         self.record.save()
@@ -839,44 +880,23 @@ class BatchMode:
         logger.info("batch %s (%s, %s): %s", entry["batch_id"], entry["request_file"], entry["status"],
                     ", ".join(f"{n:,} {what}" for what, n in outcome.most_common()) or "no line still wanted")
 
-    def _attempt(self, base):
-        return self.record.attempts.setdefault(base, {"sent": 0, "errors": 0, "unusable": 0, "candidates": 0,
-                                                      "failing": 0, "problems": {}})
-
-    @staticmethod
-    def _tally(tried):
-        """What the checks found among a line's candidates in earlier rounds (reformat's tally)."""
-        return {"candidates": tried.get("candidates", 0), "failing": tried.get("failing", 0),
-                "problems": collections.Counter(tried.get("problems") or {})}
-
-    def _answered(self, record, messages, fp, base, reply):
-        run, client = self.run, self.run.client
+    async def _answered(self, request, reply):
         usage = reply.get("usage") or {}
-        self.expected_completion += run.expected_output(record)
+        self.expected_completion += request.expected_output
         self.actual_completion += int(usage.get("completion_tokens") or 0)
-        tried = self._attempt(base)
-        line, tally = run.line_from_reply(record, fp, reply, self._tally(tried))
-        if line is not None:
-            if client.cache is not None:
-                client.cache.put(client.key(CHAT, Client.logical_chat(messages, run.sampling)), reply)
-            run.write(line)
-            self.record.attempts.pop(base, None)
-            self.stats["answered"] += 1
+        self.stats["answered"] += 1
+        follow = await self.run.deliver(request, reply, cached=False)
+        if follow is None:
+            self.record.attempts.pop(request.name, None)
             return "answered"
+        tried = self._attempt(request.name)
         tried["sent"] += 1
-        tried["unusable"] += 1
-        tried["candidates"], tried["failing"] = tally["candidates"], tally["failing"]
-        tried["problems"] = dict(tally["problems"])
-        if tried["unusable"] > self.args.max_parse_retries:
-            run.write(run.rejected_line(record, fp, tally))
-            self.record.attempts.pop(base, None)
-            return "kept the original (no candidate passed the checks)"
-        run.stats["reasks"] += 1
-        return "to send again (no usable candidate)"
+        tried["replies"] += 1
+        tried["state"] = follow.state
+        return "to send again (the reply was not used)"
 
-    def _failed(self, record, messages, fp, base, status, error, sent):
+    async def _failed(self, request, status, error, sent):
         """A line in the error file (or a non-200 response in the output file)."""
-        run = self.run
         message = str(error.get("message") or f"HTTP {status}")[:300]
         if status in (401, 403):
             raise FatalError(f"the API server refused the credentials for the batch lines (HTTP {status}); "
@@ -884,76 +904,89 @@ class BatchMode:
         if status == 404:
             raise FatalError(f"the API server answered HTTP 404 to the batch lines: {message} (check --model and "
                              "--base_url)")
-        tried = self._attempt(base)
+        tried = self._attempt(request.name)
         tried["sent"] += 1
         if status in (400, 413, 422):
-            adapter = run.client.adapters[CHAT]
-            bodies = adapter.apply(Client.logical_chat(messages, run.sampling))
-            adapted = None not in sent and (bodies != sent or adapter.learn(
-                sent[0], Refusal(status, error), run.sampling.effort_is_default))
+            refusal = Refusal(status, error)
+            bodies = self.online.wire(request.body)
+            adapts = not self.run.succeeded or refusal.code in ADAPTABLE_CODES
+            adapted = None not in sent and (bodies != sent or (adapts and self.online.learn(sent[0], refusal)))
             if not adapted:
-                self.record.attempts.pop(base, None)
-                refusal = f"HTTP {status}: {message}"
-                for held in run.policy.refused(run.failed_line(record, fp, refusal), refusal):
-                    run.write(held)
+                self.record.attempts.pop(request.name, None)
+                await self.run.converse(await self.run.fail(request, RequestFailed(
+                    f"HTTP {status}: {message}", status, refused=True)))
                 return "refused"
         tried["errors"] += 1
         tried["error"] = describe_problem(status, error)
-        if tried["errors"] > self.args.max_retries:
-            run.write(run.failed_line(record, fp, f"failed after {tried['errors']} attempts: {tried['error']}"))
-            self.record.attempts.pop(base, None)
+        if tried["errors"] > self.settings.max_retries:
+            self.record.attempts.pop(request.name, None)
+            await self.run.converse(await self.run.fail(request, RequestFailed(
+                f"failed after {tried['errors']} attempts: {tried['error']}")))
             return "failed (errors)"
         return f"to send again ({tried['error']})"
 
-    def _unanswered(self, record, fp, base, entry):
+    async def _unanswered(self, request, entry):
         """A line of the batch in neither result file: never run (a cancelled batch), or the
         whole batch failed (its validation errors count as an error of each line)."""
         status = entry.get("status")
         if status == "cancelled":
-            self._attempt(base)["sent"] += 1
+            self._attempt(request.name)["sent"] += 1
             return "to send again (cancelled)"
         errors = entry.get("errors") or [{}]
         code = "batch_expired" if status == "expired" else f"batch {status}: {errors[0].get('code') or 'no result'}"
         if any(e.get("code") == TOKEN_LIMIT for e in errors):
-            self.held_back.add(base)
-        return self._failed(record, None, fp, base, None, {"code": code}, [None])
+            self.held_back.add(request.name)
+        return await self._failed(request, None, {"code": code}, [None])
+
+    # -- the dry run -----------------------------------------------------------------
+
+    async def count(self):
+        """A dry run: the engine's count of every request, and the request files they would make."""
+        self.plan = DryPlan(self.settings, self.online)
+        for request in self.requests:
+            if self.plan.is_in_a_batch(request.name):
+                continue
+            if await self.run.cached_reply(request) is not None:
+                self.run.dry.cached += 1
+                continue
+            await self.run.ask(request)
+            self.plan.add(request)
 
     # -- reporting -------------------------------------------------------------------
 
     def tokens(self):
-        client = self.run.client
-        online = client.spend if client is not None else Spend(None)
+        online = self.run.spend
         return (self.spend.prompt_tokens + online.prompt_tokens, self.spend.cached_tokens + online.cached_tokens,
                 self.spend.completion_tokens + online.completion_tokens)
 
     def cost(self):
         """``(total, batch, online)`` USD, or None when no price is known."""
-        client = self.run.client
         if self.price is None:
             return None
-        online = client.spend.cost if client is not None else 0.0
+        online = self.run.spend.cost
         return self.spend.cost + online, self.spend.cost, online
 
     def describe(self):
         """The summary line's part of this mode."""
-        stats, client = self.stats, self.run.client
+        stats, run = self.stats, self.run
         prompt, cached, completion = self.tokens()
         cost = self.cost()
         spend = ("spend: unknown (no price for this model)" if cost is None else
                  f"spend: ${cost[0]:.4f} (batch lines ${cost[1]:.4f} at batch prices, online ${cost[2]:.4f})")
-        online = client.stats["requests"] if client is not None else 0
         adopted = stats["adopted_uploads"] + stats["adopted_batches"]
         return (f"batch API: uploads: {stats['uploads']:,}, batches: {stats['batches']:,} "
                 f"(and {stats['resumed']:,} of earlier runs, {adopted:,} adopted after a crash), "
                 f"resubmission rounds: {stats['resubmission_rounds']:,}, lines from batches: {stats['answered']:,}, "
-                f"lines from the cache: {stats['cached']:,}, online requests: {online:,} "
+                f"lines from the cache: {stats['cached']:,}, online requests: {run.stats['requests']:,} "
                 f"({stats['probes']:,} probes, {stats['fallback']:,} last tries), "
-                f"retries: {(self.api.retries if self.api else 0) + (client.stats['retries'] if client else 0):,}, "
-                f"adaptations: {client.adaptations() if client else 'none'}, prompt tokens: {prompt:,} "
+                f"retries: {(self.api.stats['retries'] if self.api else 0) + run.stats['retries']:,}, "
+                f"adaptations: {self.online.adaptations()}, prompt tokens: {prompt:,} "
                 f"({cached:,} cached), completion tokens: {completion:,}, {spend}")
 
-    def usage(self):
+    def as_dict(self):
         """This mode's part of ``--usage_path``."""
+        if self.plan is not None:
+            return self.plan.as_dict()
         prompt, _, completion = self.tokens()
         cost = self.cost()
         return {"mode": "batch_api", "uploads": self.stats["uploads"], "batches": self.stats["batches"],
@@ -961,34 +994,34 @@ class BatchMode:
                 "cache_hits": self.stats["cached"], "prompt_tokens": prompt, "completion_tokens": completion,
                 "cost_usd": cost[0] if cost else None}
 
-
-async def work(args, run, start, end, batch_lines, api_key, price, to_rewrite):
-    """reformat.py's second pass in this mode (the online mode's ``work``, same arguments)."""
-    await BatchMode(args, run, start, end, batch_lines, api_key, price).work(to_rewrite)
+    def report(self):
+        return self.plan.report()
 
 
 # -- cancelling ----------------------------------------------------------------------
 
 
-async def cancel(args, api_key, lock_path):
+def cancel(args, api_key, lock_path):
     """``--batch_cancel``: cancel the chunk's running batches and record it; 0. Holds the
     lock of the chunk's batch file (``lock_path``): a run still working on the chunk would
     send the cancelled lines again, so it must be stopped first."""
+    from realign.client import OpenAITransport
+    from realign.pool import Stopper
+    from realign.records import OutputLock
+
     path = record_path(args.output_directory, args.dataset_batch_id, args.dataset_batch_num)
     if not os.path.exists(path):
         logger.info("%s does not exist: no batch of chunk %d of %d to cancel", path, args.dataset_batch_id,
                     args.dataset_batch_num)
         return 0
-    from realign.pool import Stopper
-    from realign.records import OutputLock
-
     record = BatchRecord(path, None)
-    client = Client(args.base_url, api_key, timeout=args.request_timeout, max_retries=args.max_retries)
     stopper = Stopper()
-    api = BatchAPI(client, args.max_retries, stopper, path)
     counts = collections.Counter()
-    try:
-        with OutputLock(lock_path), stopper.signals_handled():
+
+    async def cancel_all():
+        online = OpenAITransport(args.base_url, api_key, timeout=args.request_timeout)
+        api = BatchCalls(online, args.max_retries, stopper, path)
+        try:
             for _, entry in record.uncollected():
                 if entry.get("batch_id") is None:
                     entry["status"] = "abandoned"  # never sent: the next run writes its lines again
@@ -1003,8 +1036,11 @@ async def cancel(args, api_key, lock_path):
                 record.save()
                 counts["cancelled" if batch.status in ("cancelling", "cancelled") else "already finished"] += 1
                 logger.info("batch %s (%s): %s", entry["batch_id"], entry["request_file"], batch.status)
-    finally:
-        await client.close()
+        finally:
+            await online.close()
+
+    with OutputLock(lock_path), stopper.signals_handled():
+        asyncio.run(cancel_all())
     logger.info("#batches of chunk %d of %d: cancelled: %d, already finished: %d, never created: %d; a rerun "
                 "without --batch_cancel keeps what they answered and sends the rest again", args.dataset_batch_id,
                 args.dataset_batch_num, counts["cancelled"], counts["already finished"], counts["not created"])
@@ -1017,16 +1053,15 @@ async def cancel(args, api_key, lock_path):
 class DryPlan:
     """What a run in this mode would write and create (``--dry_run``): nothing is sent."""
 
-    def __init__(self, args):
-        self.args = args
-        self.adapter = Adapter(CHAT)
-        self.files = self.lines = self.bytes = self.online = 0
+    def __init__(self, settings, online):
+        self.settings = settings
+        self.online = online
+        self.files = self.lines = self.bytes = self.online_requests = 0
         self._lines = self._bytes = 0
         self.in_batches = set()
-        path = record_path(args.output_directory, args.dataset_batch_id, args.dataset_batch_num)
         self.running = 0
-        if os.path.exists(path):
-            record = BatchRecord(path, None)
+        if os.path.exists(settings.record_path):
+            record = BatchRecord(settings.record_path, None)
             for _, entry in record.uncollected():
                 try:
                     with open(record.local_path(entry), "rb") as f:
@@ -1036,18 +1071,17 @@ class DryPlan:
                 self.in_batches |= bases
                 self.running += entry.get("batch_id") is not None
 
-    def is_in_a_batch(self, record_id, fp):
-        return custom_id(record_id, fp) in self.in_batches
+    def is_in_a_batch(self, base):
+        return base in self.in_batches
 
-    def add(self, record_id, fp, logical):
-        if not self.online:  # the probe
-            self.online = 1
+    def add(self, request):
+        if not self.online_requests:  # the probe
+            self.online_requests = 1
             return
-        base = custom_id(record_id, fp)
-        bodies = self.adapter.apply(logical)
-        size = sum(len(request_line(part_id(base, k, len(bodies)), body)) for k, body in enumerate(bodies))
-        if not self.files or self._lines + len(bodies) > self.args.batch_max_requests or \
-                self._bytes + size > self.args.batch_max_bytes:
+        bodies = self.online.wire(request.body)
+        size = sum(len(request_line(part_id(request.name, k, len(bodies)), body)) for k, body in enumerate(bodies))
+        if not self.files or self._lines + len(bodies) > self.settings.max_requests or \
+                self._bytes + size > self.settings.max_bytes:
             self.files += 1
             self._lines = self._bytes = 0
         self._lines += len(bodies)
@@ -1056,14 +1090,14 @@ class DryPlan:
         self.bytes += size
 
     def as_dict(self):
-        return {"mode": "batch_api", "online_requests": self.online, "batch_lines": self.lines,
+        return {"mode": "batch_api", "online_requests": self.online_requests, "batch_lines": self.lines,
                 "batches": self.files, "minutes": None}
 
     def report(self):
         lines = [(f"  batch API: {self.lines:,} request lines ({self.bytes:,} bytes) in {self.files:,} request "
-                  f"files, i.e. {self.files:,} batches (at most {self.args.batch_max_requests:,} lines and "
-                  f"{self.args.batch_max_bytes:,} bytes each)")]
-        if self.online:
+                  f"files, i.e. {self.files:,} batches (at most {self.settings.max_requests:,} lines and "
+                  f"{self.settings.max_bytes:,} bytes each)")]
+        if self.online_requests:
             lines.append("  the first request is sent online (at the online price), to learn which parameters the "
                          "model accepts before the batches")
         if self.in_batches:

@@ -57,10 +57,11 @@ class Cache:
     """``get(key) -> reply or None``, ``put(key, reply)``; thread-safe.
 
     ``read=False`` never answers from the cache (``--refresh_cache``); ``write=False``
-    never stores (with ``read=False`` too: ``--no-cache``, and then no file is opened).
+    never stores (with ``read=False`` too: ``--no-cache``, and then no file is opened, unless
+    ``limits``: a dry run with ``--refresh_cache`` still reads the remembered rate limits).
     """
 
-    def __init__(self, directory=None, read=True, write=True):
+    def __init__(self, directory=None, read=True, write=True, limits=False):
         self.directory = directory or default_cache_dir()
         self.read = read
         self.write = write
@@ -68,7 +69,7 @@ class Cache:
         self.stored = 0
         self._lock = threading.Lock()
         self._db = None
-        if read or write:
+        if read or write or limits:
             self.path = os.path.join(self.directory, CACHE_FILE)
             try:
                 os.makedirs(self.directory, exist_ok=True)
@@ -169,9 +170,11 @@ class Cache:
         self.close()
 
 
-def open_cache(args, write=True):
-    """The cache of a script's ``--cache_dir`` / ``--cache`` / ``--refresh_cache`` flags
-    (None with ``--no-cache``); ``write=False`` for a run that only reads."""
+def open_cache(args):
+    """The cache of a script's ``--cache_dir`` / ``--cache`` / ``--refresh_cache`` flags: None
+    with ``--no-cache``; a dry run (``--dry_run``) only reads, and still reads the remembered
+    rate limits with ``--refresh_cache``."""
     if not args.cache:
         return None
-    return Cache(args.cache_dir, read=not args.refresh_cache, write=write)
+    dry = getattr(args, "dry_run", False)
+    return Cache(args.cache_dir, read=not args.refresh_cache, write=not dry, limits=dry)

@@ -1,4 +1,4 @@
-"""The one worker pool, the one way to stop, and the one "the server refuses everything" rule.
+"""The one worker pool and the one way to stop (used by the request engine, realign/engine.py).
 
 Every stage stops the same way. SIGINT (Ctrl-C) and SIGTERM (Slurm's ``scancel``,
 preemption, ``kill``) stop new requests from starting; the requests already on their way
@@ -8,7 +8,8 @@ rerun repeats at most the requests that were in flight (and with the request cac
 even those of them that had been answered).
 
 The other reasons to stop starting requests go through the same :class:`Stopper`: the
-spending cap (``--max_cost``) and an error that will not heal.
+spending cap (``--max_cost``) and an error that will not heal (the requests in flight
+then finish too: they were paid for).
 """
 
 import asyncio
@@ -18,13 +19,11 @@ import signal
 import threading
 import time
 
-from realign.cli import FatalError
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE = 10.0  # seconds the requests in flight may still take after a stop signal
-REJECTION_LIMIT = 8  # this many refused requests before any success: the settings are wrong
 DUPLICATE_SIGNAL_WINDOW = 1.0  # a second signal sooner than this is the same stop, not "stop at once"
 
 
@@ -59,16 +58,6 @@ class Stopper:
             except RuntimeError:  # the loop is closed
                 pass
 
-    def wait(self, timeout):
-        """Sleep up to ``timeout`` seconds; True when the run is stopping (for threads)."""
-        return self._event.wait(timeout)
-
-    def check(self):
-        """Raise :class:`Stopped` before a request is sent once a signal stopped the run. (A
-        budget stop only keeps new jobs from starting: requests it already admitted go on.)"""
-        if self.requests_blocked():
-            raise Stopped(self.reason)
-
     @property
     def interrupted(self):
         return self.reason == "signal"
@@ -77,12 +66,6 @@ class Stopper:
         """Whether requests already admitted must not be sent (or retried) either: a signal
         or an error, not a budget stop."""
         return self._event.is_set() and self.reason != "budget"
-
-    @property
-    def for_requests(self):
-        """An Event-like view (``is_set``, ``wait``) that is set only when requests are
-        blocked: what a retry loop in a thread waits on."""
-        return _RequestsBlocked(self)
 
     def _handle_signal(self, signum, _frame):
         now = time.monotonic()
@@ -134,60 +117,6 @@ class Stopper:
             self._loops.remove(entry)
 
 
-class _RequestsBlocked:
-    def __init__(self, stopper):
-        self._stopper = stopper
-
-    def is_set(self):
-        return self._stopper.requests_blocked()
-
-    def wait(self, timeout):
-        deadline = time.monotonic() + timeout
-        while not self.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if self._stopper.is_set():  # stopped for the budget: admitted requests go on
-                time.sleep(min(left, 0.25))
-            else:
-                self._stopper.wait(min(left, 0.25))
-        return True
-
-
-class RefusalPolicy:
-    """Requests the server refused (HTTP 4xx on their merits) before any request succeeded
-    may mean the settings are wrong, not the records: their failed lines are held back.
-    :data:`REJECTION_LIMIT` of them with no success stop the run; the first success
-    releases them to be written as failed records."""
-
-    def __init__(self, hint, limit=REJECTION_LIMIT):
-        self.hint = hint
-        self.limit = limit
-        self.succeeded = False
-        self.held = []  # (item, error)
-
-    def refused(self, item, error):
-        """A refusal: the items that may be written now (``[item]`` once a request has
-        succeeded; else it is held); raises FatalError at the limit."""
-        if self.succeeded:
-            return [item]
-        self.held.append((item, error))
-        if len(self.held) >= self.limit:
-            raise FatalError(f"the first {self.limit} requests were all refused ({error}); {self.hint}")
-        return []
-
-    def success(self):
-        """A request succeeded: the held items, to be written."""
-        self.succeeded = True
-        held, self.held = self.held, []
-        return [item for item, _ in held]
-
-    def finish(self, stopper):
-        """At the end: held items and no success at all mean every request was refused."""
-        if self.held and not self.succeeded and not stopper.is_set():
-            raise FatalError(f"every request was refused ({self.held[0][1]}); {self.hint}")
-
-
 async def sleep_unless_stopped(stopper, seconds):
     """Sleep, waking up at once when a signal or an error (not a budget stop) stops the run;
     a plain sleep when there is no ``stopper``."""
@@ -205,7 +134,8 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
 
     Stops taking jobs when ``stopper`` is set (a signal, the budget); jobs in progress
     then have ``grace`` seconds before they are cancelled (at once on a second signal).
-    A ``FatalError`` (or any other exception) from a job cancels the others and is raised.
+    A ``FatalError`` (or any other exception) from a job stops the run the same way (the
+    requests in flight were paid for: they may finish and be saved) and is then raised.
     ``handle`` may raise :class:`Stopped` for a job it could not start.
     """
     loop = asyncio.get_running_loop()
@@ -231,6 +161,7 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
 
     hard_stop = stopper.on_hard_stop(lambda: loop.call_soon_threadsafe(cancel_all))
     tasks.extend(asyncio.ensure_future(worker()) for _ in range(max(1, concurrency)))
+    failure = None
     try:
         pending = set(tasks)
         deadline = None
@@ -250,8 +181,9 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
                 done.discard(waiter)
                 waiter.cancel()
             for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()
+                if failure is None and not task.cancelled() and task.exception() is not None:
+                    failure = task.exception()
+                    stopper.stop("error", str(failure))
     finally:
         stopper._detach(entry)
         stopper.forget_hard_stop(hard_stop)
@@ -259,3 +191,5 @@ async def run_pool(jobs, handle, concurrency, stopper, grace=STOP_GRACE):
             if not task.done():
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    if failure is not None:
+        raise failure

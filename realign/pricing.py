@@ -112,6 +112,14 @@ class Spend:
         self.cost = 0.0
         self._lock = threading.Lock()
 
+    def add_reply(self, reply, transport):
+        """Add what one reply of ``transport`` used: a search's price, or the tokens its usage
+        names; ``(prompt, completion)`` tokens."""
+        if self.search_price is not None:
+            self.add_search(self.search_price)
+            return 0, 0
+        return self.add_usage(reply.get("usage") if isinstance(reply, dict) else None)
+
     def add_usage(self, usage):
         prompt, cached, completion = usage_tokens(usage)
         with self._lock:
@@ -189,115 +197,3 @@ class Budget:
 
     def message(self):
         return f"budget reached: ${self.spend.cost:.4f} of ${self.cap:.4f}"
-
-
-class DryRunReport:
-    """What a run would send, use, cost and take, added up request by request; nothing is sent.
-
-    Prompt tokens are counted with ``tokenizer_path`` when given, else estimated at four
-    characters a token (and the report says so). The expected completion is the caller's
-    (reformat: n x the original response's length, the paper's rewrites being about as
-    long as the originals on average).
-    """
-
-    def __init__(self, stage, cache, tokenizer_path, price, limits, output_cap=None, search_price=None,
-                 completion_note="n x the original response's length; reasoning tokens not included"):
-        self.stage = stage
-        self.completion_note = completion_note
-        self.cache = cache
-        self.price = price
-        self.limits = limits or {}
-        self.output_cap = output_cap
-        self.search_price = search_price
-        self.requests = self.cached = self.searches = 0
-        self.prompt_tokens = self.completion_tokens = self.limit_tokens = 0.0
-        self.tokenizer = None
-        self.counted = "estimated at 4 characters a token" + (
-            " (pass --tokenizer_path to count)" if stage == "reformat" else "")
-        if tokenizer_path:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-            self.counted = f"counted with {tokenizer_path}"
-
-    def is_cached(self, key):
-        return self.cache is not None and self.cache.contains(key)
-
-    def count_text(self, text):
-        if self.tokenizer is not None:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return len(text) / CHARS_PER_TOKEN
-
-    def count_prompt(self, messages):
-        if isinstance(messages, str):
-            return self.count_text(messages)
-        return sum(self.count_text(str(m.get("content") or "")) + 4 for m in messages)
-
-    def add_cached(self):
-        self.cached += 1
-
-    def add_request(self, prompt_tokens, completion_tokens, n=1):
-        self.requests += 1
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.limit_tokens += prompt_tokens + n * (self.output_cap or 0)
-
-    def add_search(self):
-        self.searches += 1
-
-    def cost(self):
-        total = 0.0
-        known = False
-        if self.price is not None:
-            total += self.price.cost(self.prompt_tokens, self.completion_tokens)
-            known = True
-        if self.searches and self.search_price is not None:
-            total += self.searches * self.search_price
-            known = True
-        if not self.requests and not self.searches:
-            return 0.0
-        return total if known else None
-
-    def minutes(self):
-        """Expected wall time in minutes at the known rate limits, or None."""
-        times = []
-        if self.limits.get("requests"):
-            times.append((self.requests + self.searches) / self.limits["requests"])
-        if self.limits.get("tokens") and self.limit_tokens:
-            times.append(self.limit_tokens / self.limits["tokens"])
-        return max(times) if times else None
-
-    def as_dict(self):
-        return {"stage": self.stage, "dry_run": True, "requests": self.requests, "cache_hits": self.cached,
-                "searches": self.searches, "prompt_tokens": round(self.prompt_tokens),
-                "completion_tokens": round(self.completion_tokens), "cost_usd": self.cost(),
-                "minutes": self.minutes(), "tokens_counted": self.counted,
-                "price": self.price.source if self.price else None}
-
-    def lines(self, extra=None):
-        """The report, a few lines a person reads."""
-        head = f"dry run of {self.stage}: nothing was sent"
-        lines = [head + (f" ({extra})" if extra else "")]
-        if self.searches or self.stage == "retrieval":
-            lines.append(f"  searches to send: {self.searches:,} (Serper credits), answered by the cache: "
-                         f"{self.cached:,}")
-        if self.requests or self.stage != "retrieval":
-            lines.append(f"  requests to send: {self.requests:,} (answered by the cache: {self.cached:,})")
-            lines.append(f"  prompt tokens: {self.prompt_tokens:,.0f}, {self.counted}")
-            lines.append(f"  expected completion tokens: {self.completion_tokens:,.0f} ({self.completion_note})")
-        cost = self.cost()
-        if cost is None:
-            lines.append("  cost: unknown (no price for this model: pass --price_input and --price_output)")
-        else:
-            source = self.price.source if self.price else "constant.SEARCH_PRICE"
-            lines.append(f"  expected cost: ${cost:,.4f} ({source})")
-        minutes = self.minutes()
-        if minutes is None and self.stage == "retrieval":
-            lines.append("  expected time: not estimated (Serper sends no rate-limit headers)")
-        elif minutes is None:
-            lines.append("  expected time: unknown (no rate limit known: pass --max_requests_per_minute / "
-                         "--max_tokens_per_minute, or run once to learn the server's)")
-        else:
-            known = ", ".join(f"{v:,.0f} {k}/min" for k, v in self.limits.items() if v)
-            lines.append(f"  expected time at the rate limits ({known}): {minutes:,.1f} min")
-        return lines

@@ -279,7 +279,7 @@ def test_openai_unknown_model_stops_the_run(classifier_server, tmp_path, capsys)
     assert classify.main(argv) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"classify: error: model 'no-such-model' is not offered by {fake_openai.url}; it offers: "
-        "GAIR/ReAlign-Task-Classifier, classifier (choose one with --model)")
+        "GAIR/ReAlign-Task-Classifier, classifier (choose one with --model, or pass --no-model_check for a gateway that accepts names it does not list)")
     assert completions(fake_openai) == [] and not out.exists()
 
 

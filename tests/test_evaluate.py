@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 import evaluate
+from realign.client import Sampling
+from realign.engine import Options, Response, run_requests
 from realign.metrics import MeasureStats, edit_rate, is_rewritten, quantile
+from realign.pool import Stopper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -241,20 +244,56 @@ def test_the_sample_is_seeded_and_reproducible():
     assert len(evaluate.sample_records(records, None, seed=1)) == len(records)
 
 
-# -- the judges' orchestration (an async stub stands in for the client) ---------------------
+# -- the judges' requests, through the engine (a stub transport stands in for the server) ----
 
 class StubJudge:
-    """``ask(messages)``: replies chosen by the question, recording every conversation."""
+    """A transport answering by the question, recording every conversation; a reply of None
+    stands for a server that never answers (the request fails)."""
+
+    name = "the stub judge"
+    server = "stub://judge"
+    limits_key = None
 
     def __init__(self, replies):
         self.replies = replies  # question -> function(messages) -> reply
         self.calls = []
 
-    async def __call__(self, messages):
-        await asyncio.sleep(0)
+    def key(self, body):
+        return json.dumps(body, sort_keys=True)
+
+    def wire(self, body):
+        return [body]
+
+    @staticmethod
+    def estimate_prompt(body):
+        return 10.0
+
+    @staticmethod
+    def token_cost(wire, prompt):
+        return prompt
+
+    @staticmethod
+    def is_reply(body):
+        return isinstance(body, dict)
+
+    @staticmethod
+    def adaptations():
+        return "none"
+
+    async def post(self, wire):
+        messages = wire["messages"]
         self.calls.append(messages)
         question = messages[1]["content"].split("[Question start]\n", 1)[1].split("\n[Question end]", 1)[0]
-        return self.replies[question](messages)
+        reply = self.replies[question](messages)
+        if reply is None:
+            return Response(500, {}, {"error": {"message": "down"}})
+        return Response(200, {}, {"choices": [{"message": {"content": reply}, "finish_reason": "stop"}]})
+
+    async def prepare(self, run):
+        return None
+
+    async def close(self):
+        return None
 
 
 def shown(messages, label):
@@ -270,8 +309,17 @@ def item(number, original, rewrite, reference=None):
     return evaluate.JudgeItem(number, number, f"q{number}", original, rewrite, reference)
 
 
+def run_judges(items, stub, judge, max_retries):
+    """The judges' results by line, asked through the engine."""
+    sampling = Sampling(model="judge-x", n=1, temperature=0.0)
+    judging = evaluate.Judging([judge], sampling, max_retries)
+    options = Options(concurrency=4, max_retries=0)
+    asyncio.run(run_requests(judging.requests((judge, i) for i in items), stub, options, "test", Stopper()))
+    return judging.results[judge]
+
+
 def test_readability_judges_both_orders_and_counts_a_flip_as_a_tie():
-    ask = StubJudge({
+    stub = StubJudge({
         "q1": prefer_rewrite,
         "q2": lambda m: "The first one. [[A]]",  # position bias: flips with the order
         "q3": lambda m: "I like it." if len(m) == 2 else prefer_rewrite(m),  # verdict only when re-asked
@@ -282,7 +330,7 @@ def test_readability_judges_both_orders_and_counts_a_flip_as_a_tie():
     items = [item(1, "original 1", "rewrite 1"), item(2, "original 2", "rewrite 2"),
              item(3, "original 3", "rewrite 3"), item(4, "original 4", "rewrite 4"),
              item(5, "same", "same"), item(6, "original 6", "rewrite 6")]
-    results = asyncio.run(evaluate.run_judges({"readability": items}, ask, max_retries=2))["readability"]
+    results = run_judges(items, stub, "readability", max_retries=2)
     assert results[1] == {"original_first": "B", "rewrite_first": "A", "status": "ok", "asks": 2,
                           "outcome": "win", "consistent": True}
     assert results[2]["outcome"] == "tie" and results[2]["consistent"] is False
@@ -291,11 +339,11 @@ def test_readability_judges_both_orders_and_counts_a_flip_as_a_tie():
     assert results[5] == {"outcome": "tie", "consistent": True, "identical": True, "status": "ok", "asks": 0}
     assert results[6]["status"] == "no_reply" and results[6]["asks"] == 2
     # Both orders were shown: the original once as A, once as B.
-    q1 = [m for m in ask.calls if "q1" in m[1]["content"]]
+    q1 = [m for m in stub.calls if "q1" in m[1]["content"]]
     assert sorted(shown(m, "Answer A") for m in q1) == ["original 1", "rewrite 1"]
-    assert not any("same" in m[1]["content"] for m in ask.calls)
+    assert not any("same" in m[1]["content"] for m in stub.calls)
     # A re-ask shows the unparsable reply and asks again for the verdict.
-    reasks = [m for m in ask.calls if len(m) == 4 and "q3" in m[1]["content"]]
+    reasks = [m for m in stub.calls if len(m) == 4 and "q3" in m[1]["content"]]
     assert len(reasks) == 2 and reasks[0][2] == {"role": "assistant", "content": "I like it."}
     assert reasks[0][3]["content"] == evaluate.REASK["readability"]
 
@@ -311,15 +359,15 @@ def test_readability_judges_both_orders_and_counts_a_flip_as_a_tie():
 def test_factuality_rates_both_answers_and_counts_unparsed_apart():
     replies = {"o1": "[[4]]", "r1": "Correct. [[7]]", "o2": "Score [[8]]",
                "r2": "From [[1]] to [[10]]: [[6]]", "same": "[[9]]", "o4": "[[5]]", "r4": "[[12]]"}
-    ask = StubJudge({q: (lambda m: replies[shown(m, "Assistant's answer")]) for q in ("q1", "q2", "q3", "q4")})
+    stub = StubJudge({q: (lambda m: replies[shown(m, "Assistant's answer")]) for q in ("q1", "q2", "q3", "q4")})
     items = [item(1, "o1", "r1", "ref"), item(2, "o2", "r2", "ref"), item(3, "same", "same", "ref"),
              item(4, "o4", "r4", "ref")]
-    results = asyncio.run(evaluate.run_judges({"factuality": items}, ask, max_retries=1))["factuality"]
+    results = run_judges(items, stub, "factuality", max_retries=1)
     assert results[1] == {"original": 4, "rewrite": 7, "status": "ok", "asks": 2}
     assert results[2]["rewrite"] == 6
     assert results[3] == {"original": 9, "rewrite": 9, "status": "ok", "asks": 1, "identical": True}
     assert results[4] == {"original": 5, "rewrite": None, "status": "unparsed", "asks": 3}
-    assert all("[Reference answer start]\nref\n" in m[1]["content"] for m in ask.calls)
+    assert all("[Reference answer start]\nref\n" in m[1]["content"] for m in stub.calls)
 
     summary = evaluate.summarize_factuality(results, eligible=4, model="judge-x")
     assert summary["scored"] == 3 and summary["unparsed"] == 1 and summary["identical"] == 1

@@ -23,7 +23,7 @@ from realign.standins import (
 
 import constant
 import reformat
-from realign.pool import REJECTION_LIMIT
+from realign.engine import REJECTION_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "datasets", "examples", "realign_examples.json")
@@ -198,7 +198,7 @@ def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
     assert status == 1
     (error,) = error_lines(capsys.readouterr().err)
     assert error == (f"reformat: error: model 'gpt-3.5-turbo-1106' is not offered by {fake_openai.url}; it offers: "
-                     "gpt-4o-mini, gpt-6-luna, gpt-6-sol (choose one with --model)")
+                     "gpt-4o-mini, gpt-6-luna, gpt-6-sol (choose one with --model, or pass --no-model_check for a gateway that accepts names it does not list)")
     assert chats(fake_openai) == []
 
     # The same command without --model uses today's default model.

@@ -10,12 +10,16 @@ import sys
 import threading
 import time
 
+import asyncio
+
 import pytest
 from realign.standins import DEFAULT_SERPER_KEY, FakeSerperServer
 
 import retrieval
-from realign import FatalError
-from realign.search import SearchCancelled, SearchFailed, make_session, search
+from realign import FatalError, engine
+from realign.engine import Options, Request, run_requests
+from realign.pool import Stopper
+from realign.search import SerperTransport, search_body
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLACEHOLDER = "No good Google Search Result was found"
@@ -128,89 +132,101 @@ def test_needs_retrieval_and_output_paths():
         "progress": "out/ret_progress.jsonl", "failures": "out/ret_failures.json"}
 
 
-# -- the Serper client -------------------------------------------------------------------
+# -- the Serper transport, through the engine ----------------------------------------------
 
 
-class RecordingStop:
-    """Stands in for the stop event: records each retry wait instead of sleeping."""
+def search(url, query="q", key=DEFAULT_SERPER_KEY, *, timeout=30.0, max_retries=5, gl="us", hl="en", stopper=None):
+    """One search through the engine: ``(reply or None, RequestFailed or None, usage)``."""
+    replies, errors = [], []
+    request = Request(search_body(query, gl, hl), on_reply=lambda reply: replies.append(reply) or True,
+                      on_error=errors.append)
+    options = Options(concurrency=1, max_retries=max_retries, search_price=0.001)
+    usage = asyncio.run(run_requests([request], SerperTransport(url, key, timeout), options, "test",
+                                     stopper or Stopper()))
+    return (replies or [None])[0], (errors or [None])[0], usage
 
-    def __init__(self):
-        self.waits = []
 
-    def is_set(self):
-        return False
+@pytest.fixture
+def waits(monkeypatch):
+    """The retry waits the engine asks for, recorded instead of slept."""
+    asked = []
 
-    def wait(self, delay):
-        self.waits.append(delay)
-        return False
+    async def record(stopper, seconds):
+        asked.append(seconds)
+
+    monkeypatch.setattr(engine, "sleep_unless_stopped", record)
+    return asked
 
 
 def test_search_sends_query_key_and_locale(fake_serper):
-    session = make_session(2)
-    reply = search(session, "Who wrote Dune?", DEFAULT_SERPER_KEY, url=fake_serper.search_url, gl="de", hl="fr")
-    assert reply["organic"][0]["snippet"] == "Result 1 about Who wrote Dune?."
+    reply, error, usage = search(fake_serper.search_url, "Who wrote Dune?", gl="de", hl="fr")
+    assert reply["organic"][0]["snippet"] == "Result 1 about Who wrote Dune?." and error is None
     (request,) = fake_serper.requests
     assert request.body == {"q": "Who wrote Dune?", "gl": "de", "hl": "fr"}
     assert request.headers["x-api-key"] == DEFAULT_SERPER_KEY
+    assert usage.spend.searches == 1 and usage.spend.cost == pytest.approx(0.001)
 
 
-def test_search_honours_retry_after_and_retries_5xx_malformed_and_timeouts(fake_serper):
+def test_search_honours_retry_after_and_retries_5xx_malformed_and_timeouts(fake_serper, waits):
     fake_serper.add_fault(429, retry_after=7)
     fake_serper.add_fault(503)
     fake_serper.add_fault(kind="malformed")
     fake_serper.add_fault(delay=1.5)  # answers after the client's timeout
-    stop, stats = RecordingStop(), {}
-    reply = search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.search_url, timeout=0.5,
-                   backoff=0.01, stop=stop, stats=stats)
-    assert reply["organic"]
-    assert stop.waits[0] == 7.0  # the server's Retry-After, not the backoff
-    assert len(stop.waits) == 4 and all(wait <= 0.01 * 2**i for i, wait in enumerate(stop.waits) if i)
-    assert stats == {"requests": 5, "retries": 4}
+    reply, error, usage = search(fake_serper.search_url, timeout=0.5)
+    assert reply["organic"] and error is None
+    assert waits[0] == 7.0  # the server's Retry-After, not the backoff
+    assert len(waits) == 4 and all(0.5 * 2 ** i <= wait <= 2 ** i for i, wait in enumerate(waits) if i)
+    assert (usage.stats["requests"], usage.stats["retries"]) == (5, 4)
 
 
-def test_search_gives_up_after_max_retries(fake_serper):
+def test_a_429_without_retry_after_backs_off_exponentially(fake_serper, waits):
+    fake_serper.add_fault(429, times=4)  # no Retry-After and no rate-limit headers
+    reply, _, _ = search(fake_serper.search_url)
+    assert reply is not None and len(waits) == 4
+    assert all(0.5 * 2 ** i <= wait <= 2 ** i for i, wait in enumerate(waits))  # growing, with jitter
+
+
+def test_search_gives_up_after_max_retries(fake_serper, waits):
     fake_serper.add_fault(500, times=None)
-    with pytest.raises(SearchFailed, match=r"HTTP 500 after 3 attempts"):
-        search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.search_url, max_retries=2,
-               stop=RecordingStop())
+    reply, error, _ = search(fake_serper.search_url, max_retries=2)
+    assert reply is None and str(error) == "failed after 3 attempts: HTTP 500" and not error.refused
     assert fake_serper.request_count == 3
 
 
 def test_search_does_not_retry_a_rejected_query(fake_serper):
     fake_serper.add_fault(400)
-    with pytest.raises(SearchFailed, match="HTTP 400: Bad request"):
-        search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.search_url)
+    with pytest.raises(FatalError, match="every request was refused .HTTP 400: Bad request"):
+        search(fake_serper.search_url)  # the only request, refused: the settings are wrong
     assert fake_serper.request_count == 1
 
 
-def test_search_connection_errors_are_retried_then_reported():
+def test_search_connection_errors_are_retried_then_reported(waits):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    stop = RecordingStop()
-    with pytest.raises(SearchFailed, match="connection error .* after 2 attempts"):
-        search(make_session(1), "q", DEFAULT_SERPER_KEY, url=f"http://127.0.0.1:{port}/search", max_retries=1,
-               stop=stop)
-    assert len(stop.waits) == 1
+    _, error, _ = search(f"http://127.0.0.1:{port}/search", max_retries=1)
+    assert str(error) == "failed after 2 attempts: connection error (ConnectError)"
+    assert len(waits) == 1
 
 
 def test_search_refused_key_is_fatal_and_never_quoted(fake_serper):
     secret = "sk-secret-key-12345"
     with pytest.raises(FatalError) as caught:
-        search(make_session(1), "q", secret, url=fake_serper.search_url)
+        search(fake_serper.search_url, key=secret)
     assert "HTTP 403" in str(caught.value) and "SERPER_API_KEY" in str(caught.value)
     assert secret not in str(caught.value)
     with pytest.raises(FatalError, match="--search_url"):
-        search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.url + "/wrong")
+        search(fake_serper.url + "/wrong")
 
 
 def test_search_stops_waiting_when_the_run_stops(fake_serper):
     fake_serper.add_fault(429, retry_after=60)
-    stop = threading.Event()
-    threading.Timer(0.2, stop.set).start()
-    with pytest.raises(SearchCancelled):
-        search(make_session(1), "q", DEFAULT_SERPER_KEY, url=fake_serper.search_url, stop=stop)
-    assert fake_serper.request_count == 1
+    stopper = Stopper()
+    threading.Timer(0.2, stopper.stop, args=("signal",)).start()
+    started = time.monotonic()
+    reply, error, usage = search(fake_serper.search_url, stopper=stopper)
+    assert reply is None and error is None and usage.stopped == "signal"
+    assert time.monotonic() - started < 5 and fake_serper.request_count == 1
 
 
 # -- the script --------------------------------------------------------------------------
