@@ -470,7 +470,6 @@ class BatchMode:
         self.stats = collections.Counter()
         self.probing = True
         self.held_back = set()  # lines of a batch refused for the enqueued-token limit: wait for room
-        self.expected_completion = self.actual_completion = 0
         self.bar = None
         self.plan = None  # the DryPlan of a dry run
 
@@ -609,11 +608,10 @@ class BatchMode:
         return self.spend.cost + self.run.spend.cost + self._running_estimate()
 
     def _estimate(self, request):
+        """A line's expected cost at the batch price, learning from the replies as the engine's budget does."""
         if self.price is None:
             return 0.0
-        ratio = max(1.0, self.actual_completion / self.expected_completion) if self.expected_completion else 1.0
-        prompt = self.run.estimate(request.body)[0]
-        return self.price.cost(prompt, request.expected_output * ratio)
+        return self.price.cost(self.run.estimate(request.body)[0], request.expected_output * self.run.budget.ratio())
 
     def _online_budget(self):
         """Let the online requests spend what the batches leave of ``--max_cost``."""
@@ -882,8 +880,7 @@ class BatchMode:
 
     async def _answered(self, request, reply):
         usage = reply.get("usage") or {}
-        self.expected_completion += request.expected_output
-        self.actual_completion += int(usage.get("completion_tokens") or 0)
+        self.run.budget.learn(request.expected_output, int(usage.get("completion_tokens") or 0))
         self.stats["answered"] += 1
         follow = await self.run.deliver(request, reply, cached=False)
         if follow is None:

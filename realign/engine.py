@@ -470,7 +470,9 @@ class Run:
 
     @staticmethod
     def call_on_error(request, error):
-        return request.on_error(error) if request.on_error is not None else None
+        """The stage's handler of a failed request; its follow-up Request, or None."""
+        outcome = request.on_error(error) if request.on_error is not None else None
+        return outcome if isinstance(outcome, Request) else None
 
     async def send(self, body, prompt):
         """Send ``body`` as the server accepts it (adapting to its refusals); one reply."""

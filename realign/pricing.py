@@ -166,10 +166,12 @@ class Budget:
         self._lock = threading.Lock()
 
     def ratio(self):
-        """Actual over expected completion tokens of the replies seen so far (at least 1)."""
+        """Actual over expected completion tokens of the replies seen so far (1 before any):
+        the estimates follow what the replies really use, longer or shorter, so the run stops
+        within about one request's price of the cap."""
         if self.expected_completion <= 0:
             return 1.0
-        return max(1.0, self.actual_completion / self.expected_completion)
+        return self.actual_completion / self.expected_completion
 
     def estimate(self, prompt_tokens, completion_tokens):
         if self.spend.price is None:
@@ -191,7 +193,12 @@ class Budget:
         """The request of ``ticket`` ended (its usage is already in the spend, if it had one)."""
         with self._lock:
             self.in_flight.pop(ticket, None)
-            if expected_completion and actual_completion is not None:
+        self.learn(expected_completion, actual_completion)
+
+    def learn(self, expected_completion, actual_completion):
+        """A reply used ``actual_completion`` tokens where ``expected_completion`` were expected."""
+        if expected_completion and actual_completion is not None:
+            with self._lock:
                 self.expected_completion += expected_completion
                 self.actual_completion += actual_completion
 

@@ -101,6 +101,7 @@ class Fault:
     match: Callable[[dict], bool] | None = None  # which request bodies; None = all
     path: str | None = None  # which endpoint (exact, no query); None = the main ones
     method: str | None = None  # with `path`: which method; None = any
+    error: dict | None = None  # the error body's message / code / param, where not the status's default
 
 
 @dataclass
@@ -210,7 +211,7 @@ class _FakeServer:
     # -- faults ------------------------------------------------------------------
 
     def add_fault(self, status=None, *, kind=None, retry_after=None, delay=0.0, times=1,
-                  match=None, path=None, method=None):
+                  match=None, path=None, method=None, message=None, code=None, param=None):
         """Queue a fault for the next request(s) whose JSON body satisfies `match`.
 
         Give an error `status`, a wrong-reply `kind` (one of FAULT_KINDS), or only a
@@ -218,7 +219,9 @@ class _FakeServer:
         aim it at another endpoint than the main ones. Returns the Fault; its `times`
         counts down.
         """
-        fault = Fault(status, kind, retry_after, delay, times, match, path, method)
+        error = {name: value for name, value in (("message", message), ("code", code), ("param", param))
+                 if value is not None}
+        fault = Fault(status, kind, retry_after, delay, times, match, path, method, error or None)
         self._check_fault(fault)
         with self._lock:
             self._faults.append(fault)
@@ -297,7 +300,7 @@ class _FakeServer:
         time.sleep(fault.delay)
         if fault.status is None:
             return 200, self.reply(path, body, kind=fault.kind), {}
-        return fault.status, self.error_payload(fault.status), _retry_after(fault)
+        return fault.status, self.error_payload(fault.status, **(fault.error or {})), _retry_after(fault)
 
     def refuse(self, path, headers, body):
         """(status, payload, headers) when the request itself is wrong, else None."""
@@ -807,7 +810,7 @@ class FakeOpenAIServer(_FakeServer):
             time.sleep(fault.delay)
         if fault.status is None:
             return 200, self.reply(route, body, kind=fault.kind, reply_id=reply_id), {}
-        return fault.status, self.error_payload(fault.status), _retry_after(fault)
+        return fault.status, self.error_payload(fault.status, **(fault.error or {})), _retry_after(fault)
 
     def _flex_refused(self, body):
         rule = self.flex_unavailable
@@ -1023,7 +1026,7 @@ class FakeOpenAIServer(_FakeServer):
             self._count_fault(fault)
             time.sleep(fault.delay)
             if fault.status is not None:
-                return fault.status, self.error_payload(fault.status), _retry_after(fault)
+                return fault.status, self.error_payload(fault.status, **(fault.error or {})), _retry_after(fault)
         ids = {key: urllib.parse.unquote(value) for key, value in match.groupdict().items()}
         return getattr(self, name)(ids, query, body, form)
 

@@ -4,8 +4,10 @@ sampling, the judges' orchestration (an async stub for the client), outputs, bad
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -610,3 +612,44 @@ def test_a_tokenizer_that_cannot_load_is_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no_such_tokenizer: cannot load the tokenizer" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_the_judges_exits_130_and_a_rerun_repeats_at_most_what_was_in_flight(tmp_path):
+    from realign.standins import FakeOpenAIServer
+
+    originals = [rec(i, f"original answer {i}", "open_qa") for i in range(12)]
+    finals = [final(r, f"rewritten answer {r['id']}", "rewrite") for r in originals]
+    original_path = write_json(tmp_path / "original.json", originals)
+    final_path = write_json(tmp_path / "final.json", finals)
+    cache = tmp_path / "cache"
+    with FakeOpenAIServer() as server:
+        server.chat_responder = lambda body, i: "[[C]]"
+        slow = server.add_fault(delay=8, times=None, match=lambda body: "answer 3" in body["messages"][1]["content"]
+                                or "answer 4" in body["messages"][1]["content"])
+        command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--original_path", original_path,
+                   "--rewritten_path", final_path, "--judge", "readability", "--base_url", server.url,
+                   "--concurrency", "4", "--cache_dir", str(cache), "--output_path", str(tmp_path / "eval.json")]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "OPENAI_API_KEY": "sk-test"})
+        deadline = time.monotonic() + 30
+        while len(server.requests_to("/v1/chat/completions")) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err
+        assert time.monotonic() - stopped < 5
+        sent_first = len(server.requests_to("/v1/chat/completions"))
+        assert not (tmp_path / "eval.json").exists()
+
+        slow.times = 0
+        server.requests.clear()
+        assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--judge",
+                              "readability", "--base_url", server.url, "--cache_dir", str(cache),
+                              "--output_path", str(tmp_path / "eval.json")]) == 0
+        sent_again = len(server.requests_to("/v1/chat/completions"))
+        assert sent_first + sent_again <= 24 + 4  # 12 pairs x 2 orders; at most the 4 in flight twice
+        assert read_json(tmp_path / "eval.json")["judges"]["readability"]["counted"] == 12

@@ -553,3 +553,35 @@ def test_output_that_would_overwrite_the_input_is_refused(fake_serper, tmp_path,
     assert "would overwrite the input" in capsys.readouterr().err
     assert (tmp_path / "data_clean_evidence.json").read_text(encoding="utf-8") == before
     assert fake_serper.request_count == 0
+
+
+@pytest.mark.slow
+def test_a_second_signal_cancels_the_searches_in_flight_and_a_rerun_repeats_at_most_those(tmp_path):
+    records = [record(i, f"Query {i}?", "open_qa") for i in range(20)]
+    input_path = write_input(tmp_path, records)
+    output, progress = tmp_path / "out.json", tmp_path / "out_progress.jsonl"
+    with FakeSerperServer() as server:
+        slow = server.add_fault(delay=8, times=None, match=lambda body: int(body["q"].split()[1][:-1]) >= 4)
+        command = [sys.executable, os.path.join(ROOT, "retrieval.py"), "--input_data_path", input_path,
+                   "--output_path", str(output), "--search_url", server.search_url, "--batch_size", "4",
+                   "--no-cache"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "SERPER_API_KEY": DEFAULT_SERPER_KEY})
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 8 and time.monotonic() < deadline:  # 4 answered, 4 slow ones in flight
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGINT)  # again: the slow ones are cancelled, not waited for
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err
+        assert time.monotonic() - stopped < 5
+        saved = [line["id"] for line in read_lines(str(progress))]
+        sent_first = len(server.requests)
+        assert sorted(saved) == [0, 1, 2, 3] and sent_first == 8
+
+        slow.times = 0
+        server.requests.clear()
+        assert run(input_path, str(output), server, "--no-cache") == 0
+        assert len(server.requests) == 20 - len(saved)  # the 4 cancelled in flight, and the 12 never sent
