@@ -489,21 +489,19 @@ def parse_args(argv=None):
 
 def demo_environment(args, stack):
     """Start the stand-ins for OpenAI and Serper in this process; the stages' environment."""
-    from realign.standins import FakeOpenAIServer, FakeSerperServer
+    from realign.demo import StandIn
 
-    openai = stack.enter_context(FakeOpenAIServer(latency=0.05))
-    openai.expected_key = DEMO_KEY
-    serper = stack.enter_context(FakeSerperServer(api_key=DEMO_KEY))
-    args.search_url = serper.search_url
+    openai = stack.enter_context(StandIn("openai"))
+    serper = stack.enter_context(StandIn("serper"))
     args.base_url = None
     env = dict(os.environ)
     env.update(OPENAI_API_KEY=DEMO_KEY, OPENAI_BASE_URL=openai.url, SERPER_API_KEY=DEMO_KEY,
-               REALIGN_CACHE_DIR=os.path.join(args.output_directory, "cache"))
+               SERPER_BASE_URL=serper.url, REALIGN_CACHE_DIR=os.path.join(args.output_directory, "cache"))
     env.pop("OPENAI_ORG_ID", None)
     logger.warning("demo: the answers come from local stand-ins for OpenAI (%s) and Serper (%s) "
-                   "(realign/standins.py), not from a model: each rewrite is the original response under an "
-                   "'**Answer**' heading, each search finds three made-up results. Nothing leaves this machine.",
-                   openai.url, serper.search_url)
+                   "(realign/demo.py), not from a model: each rewrite is the original response under an "
+                   "'**Answer**' heading, each search finds three made-up results. Nothing leaves this machine, "
+                   "and nothing is billed.", openai.url, serper.url)
     return env
 
 

@@ -25,11 +25,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the fake servers live with the tests
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from synthetic import rewrite_records  # noqa: E402
 
-from realign.standins import default_chat_reply, spawn, stop_spawned  # noqa: E402
+from fake_servers import default_chat_reply, spawn, stop_spawned  # noqa: E402
 
 def synthetic_records(n):
     return rewrite_records(n, 120)

@@ -8,7 +8,7 @@ Usage:
 Prints:
 - `--help`: median wall time of 5 runs of `python classify.py --help` (target: < 1 s).
 - openai: for each --concurrency, classify.py runs in a subprocess against
-  `realign/standins.py openai` (each request answered after --latency s; with --faults,
+  `tests/fake_servers.py openai` (each request answered after --latency s; with --faults,
   5% 429 with Retry-After 0.2 s and 2% 500), on synthetic records sized so a run lasts
   about --seconds. Columns: records/s of the classification phase (from classify.py's
   log), the ceiling concurrency / latency, requests, retries, and the client's CPU ms per
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from realign.standins import spawn, stop_spawned
+from fake_servers import spawn, stop_spawned
 
 RATE_RE = re.compile(r"classified (?P<n>\d+) records in (?P<elapsed>[\d.]+) s \((?P<rate>[\d.]+) records/s")
 CLASSIFIER = "GAIR/ReAlign-Task-Classifier"  # the served model name classify.py asks for by default

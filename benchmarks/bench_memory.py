@@ -26,7 +26,7 @@ plus the interpreter and libraries; retrieval.py below the input's size.
 no data to speak of. An import-only figure (``python -c "import reformat, openai"``) is
 printed beside it for reference.
 
-The fake server runs in its own process (realign.standins.spawn). A child's ru_maxrss
+The fake server runs in its own process (fake_servers.spawn). A child's ru_maxrss
 also counts the RSS of this process at the moment it was started (Linux carries the
 parent's high-water mark through fork/vfork + exec), so the input is generated streaming
 and this process stays small; its own peak is printed last: a child figure near it is
@@ -48,10 +48,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the fake servers live with the tests
 
 from constant import RAG_TASKS, TASK_DESCRIPTION  # noqa: E402
 from realign import write_json_list_atomic  # noqa: E402
-from realign.standins import spawn, stop_spawned  # noqa: E402
+from fake_servers import spawn, stop_spawned  # noqa: E402
 from retrieval import search_key  # noqa: E402
 
 BASELINE_RECORDS = 100  # the baseline run's input

@@ -4,7 +4,7 @@ Usage:
     .venv/bin/python benchmarks/bench_rate_limit.py
     .venv/bin/python benchmarks/bench_rate_limit.py --cases requests --records 300
 
-The fake (`realign/standins.py openai --rpm ... --tpm ... --rate-initial 0`) keeps one token
+The fake (`tests/fake_servers.py openai --rpm ... --tpm ... --rate-initial 0`) keeps one token
 bucket per limit for everyone who uses the key: it refills at limit/60 per second, starts
 empty (the steady state of a long job: 600 requests at 1,200 requests/minute take 30 s at
 best), counts every arrival against the limit, refused ones too, answers a refused request
@@ -34,11 +34,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the fake servers live with the tests
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from synthetic import rewrite_records  # noqa: E402
 
-from realign.standins import spawn, stop_spawned  # noqa: E402
+from fake_servers import spawn, stop_spawned  # noqa: E402
 
 def synthetic_records(n):
     return rewrite_records(n, 60)

@@ -5,7 +5,7 @@ Usage:
     .venv/bin/python benchmarks/bench_reformat.py --latency 0.2 --concurrency 64 --faults on --seconds 15
 
 For every combination of --latency, --concurrency and --faults it starts the fake server
-(`realign/standins.py openai`) in its own process, writes a synthetic stage-3 input sized so
+(`tests/fake_servers.py openai`) in its own process, writes a synthetic stage-3 input sized so
 the run lasts about --seconds, runs `reformat.py --top_k 2` on it in a subprocess and prints:
 records/s of the request phase (from reformat.py's summary line) and end to end (process
 start to exit), requests and retries, failed and lost records (ids missing from the batch
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from realign.standins import spawn, stop_spawned
+from fake_servers import spawn, stop_spawned
 
 FAULT_RATES = {"429": 0.10, "500": 0.05, "malformed": 0.05}
 MIN_REQUESTS_FOR_CPU = 900  # fewer, and the start-up cost's jitter swamps the per-request CPU

@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python benchmarks/bench_retrieval.py --latency 0.1 --batch_size 32 --sizes 1000 10000
 
-Starts `realign/standins.py serper --latency L` in its own process, writes N synthetic
+Starts `tests/fake_servers.py serper --latency L` in its own process, writes N synthetic
 single-turn records of the retrieval tasks (every one is searched) into a temporary
 folder, runs `retrieval.py` as a subprocess pointed at the fake server, and prints the
 wall time of the whole run (start-up, searching, writing both outputs) and N / time.
@@ -21,8 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the fake servers live with the tests
 
-from realign.standins import spawn, stop_spawned
+from fake_servers import spawn, stop_spawned
 
 FAKE_KEY = "test-serper-key"  # the fake server's default key
 

@@ -5,7 +5,7 @@ import importlib.util
 import os
 
 import pytest
-from realign.standins import FakeOpenAIServer, FakeSerperServer
+from fake_servers import FakeOpenAIServer, FakeSerperServer
 
 # vLLM's CPU build: run the engine in-process (starts in seconds) with a small KV cache.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from realign.standins import REASONING, FakeOpenAIServer
+from fake_servers import REASONING, FakeOpenAIServer
 
 import reformat
 from realign import batch_api

@@ -17,7 +17,7 @@ from test_constant import spec_prompt
 
 import classify
 import constant
-from realign.standins import Profile
+from fake_servers import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "datasets" / "examples" / "realign_examples.json"
@@ -332,7 +332,7 @@ def test_eval_logs_metrics_and_writes_predictions(classifier_server, tmp_path, c
 
 @pytest.mark.slow
 def test_sigterm_saves_the_answers_and_a_rerun_asks_only_the_rest(tmp_path):
-    from realign.standins import FakeOpenAIServer
+    from fake_servers import FakeOpenAIServer
 
     records = [{"id": i, "items": [{"from": "human", "value": f"Query number {i}?"}, {"from": "gpt", "value": "."}]}
                for i in range(40)]

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from realign.standins import LEGACY, FakeOpenAIServer
+from fake_servers import LEGACY, FakeOpenAIServer
 
 import reformat
 from realign.cache import Cache, request_key

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from realign.standins import FakeOpenAIServer
+from fake_servers import FakeOpenAIServer
 
 from realign import engine
 from realign.cache import Cache

@@ -616,7 +616,7 @@ def test_a_tokenizer_that_cannot_load_is_bad_input(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_second_signal_during_the_judges_exits_130_and_a_rerun_repeats_at_most_what_was_in_flight(tmp_path):
-    from realign.standins import FakeOpenAIServer
+    from fake_servers import FakeOpenAIServer
 
     originals = [rec(i, f"original answer {i}", "open_qa") for i in range(12)]
     finals = [final(r, f"rewritten answer {r['id']}", "rewrite") for r in originals]

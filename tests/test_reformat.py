@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from realign.standins import (
+from fake_servers import (
     ACCEPT_ALL,
     MALFORMED_REPLY,
     REASONING,

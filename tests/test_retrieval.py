@@ -13,7 +13,7 @@ import time
 import asyncio
 
 import pytest
-from realign.standins import DEFAULT_SERPER_KEY, FakeSerperServer
+from fake_servers import DEFAULT_SERPER_KEY, FakeSerperServer
 
 import retrieval
 from realign import FatalError, engine

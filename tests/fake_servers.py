@@ -1,4 +1,6 @@
-"""Fake OpenAI and Serper HTTP servers: offline stand-ins for tests, benchmarks and the demo.
+"""Fake OpenAI and Serper HTTP servers: offline stand-ins for the tests and the benchmarks.
+
+(The demo's much smaller stand-ins are realign/demo.py.)
 
 Each server is a real HTTP/1.1 server (keep-alive) on 127.0.0.1 and a random port,
 served from a daemon thread, so the real clients (the `openai` SDK, `requests`) talk
@@ -28,13 +30,13 @@ FakeOpenAIServer serves chat/completions, completions, models, files and batches
 with opt-in parameter profiles (REASONING, LEGACY, Profile), rate limits and flex
 unavailability; FakeSerperServer serves `POST /search`. See their docstrings.
 
-Usage (a separate process for benchmarks and the demo; prints one line `PORT <n>`,
-then serves until killed, and writes a `STATS {...}` line to stderr on SIGTERM or Ctrl-C):
-    python -m realign.standins openai --latency 0.2 --fault-rate 429=0.1 \
+Usage (a separate process for benchmarks; prints one line `PORT <n>`, then serves until
+killed, and writes a `STATS {...}` line to stderr on SIGTERM or Ctrl-C):
+    python tests/fake_servers.py openai --latency 0.2 --fault-rate 429=0.1 \
         --fault-rate 500=0.05 --fault-rate malformed=0.05
-    python realign/standins.py openai --rpm 1200 --tpm 2000000 --rate-initial 0 \
+    python tests/fake_servers.py openai --rpm 1200 --tpm 2000000 --rate-initial 0 \
         --profile reasoning --refuse-n --model gpt-6-luna --model gpt-4o-mini:2027-01-14
-    python -m realign.standins serper --latency 0.05
+    python tests/fake_servers.py serper --latency 0.05
 """
 
 import argparse
@@ -1472,7 +1474,7 @@ _SERPER_MESSAGES = {403: "Unauthorized.", 429: "Too many requests.", 400: "Bad r
 
 
 def spawn(kind, latency=0.0, fault_rates=None, retry_after=None, seed=0, **options):
-    """Start ``python realign/standins.py KIND ...`` in its own process, so its work does not
+    """Start ``python tests/fake_servers.py KIND ...`` in its own process, so its work does not
     count as the client's; return ``(process, port)``.
 
     `options` are the command line's other flags, underscores for dashes: a value is
