@@ -25,7 +25,6 @@ accepts any value), OPENAI_BASE_URL (default of --base_url).
 import argparse
 import collections
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -40,18 +39,20 @@ from realign import (
     ProgressWriter,
     check_constants,
     exits_cleanly,
-    iter_progress,
+    fingerprint,
     iter_records,
     positive_float,
     positive_int,
     read_json_or_jsonl,
+    read_progress_lines,
     refuse_overwriting_input,
     OutputLock,
     setup_logging,
     write_json_atomic,
     write_json_list_atomic,
 )
-from realign.cache import open_cache
+from realign.cache import open_cache, request_key
+from realign.records import batched
 from realign.cli import progress_bar
 from realign.client import (
     CHAT,
@@ -95,7 +96,7 @@ _LENGTH_REJECTION_RE = re.compile(
 _EDGE_CHARS = " \t`*\"'"  # quotes and markdown emphasis around an answer
 _TRAILING_PUNCTUATION = ".,;:!?。"
 
-Job = collections.namedtuple("Job", "id query key")
+Job = collections.namedtuple("Job", "id query fingerprint")
 
 
 # -- prompts and answers --------------------------------------------------------------
@@ -126,9 +127,15 @@ def parse_task(text, names):
     return answer if answer in names else None
 
 
-def query_key(model, query):
-    """Fingerprint of (model, query): progress made for another text or model is not reused."""
-    return hashlib.sha1(f"{model}\n{query}".encode()).hexdigest()[:16]
+def job_fingerprint(args, sampling, query):
+    """The fingerprint of a query's progress line: everything that changes its answer (the
+    backend, the model, constrained decoding and its field, the prompt as sent and the
+    sampling); a line made with other settings is classified again."""
+    if args.backend in API_BACKENDS:
+        path, body = logical_request(args, query, sampling)
+        return fingerprint("classify", args.backend, request_key(path, body))
+    return fingerprint("classify", args.backend, args.model, args.constrained, build_prompt(query), TEMPERATURE,
+                       TOP_P, MAX_TOKENS)
 
 
 def join_ends(head, tail):
@@ -274,25 +281,17 @@ def load_eval_items(path):
 
 def load_done(progress_path, jobs):
     """Progress entries of ``jobs`` (by id) whose fingerprint still matches the job."""
-    keys = {job.id: job.key for job in jobs}
-    done, stale = {}, 0
-    for entry in iter_progress(progress_path):
-        if not isinstance(entry, dict) or entry.get("id") not in keys or "category" not in entry:
-            continue
-        if entry.get("key") != keys[entry["id"]]:
-            stale += 1
-            continue
-        done[entry["id"]] = entry
+    lines, stale = read_progress_lines(progress_path, {job.id: job.fingerprint for job in jobs})
     if stale:
-        logger.warning("%s: %d entries were made for another query text or model; classifying them again",
-                       progress_path, stale)
-    return done
+        logger.warning("%s: %d entries were made with other settings (query, backend, model, constrained decoding "
+                       "or prompt); classifying them again", progress_path, stale)
+    return {record_id: entry for record_id, entry in lines.items() if "category" in entry}
 
 
 def progress_entry(job, answer, names, error=None):
     """One progress line: the label, the raw answer, and the error when there was no answer."""
     task = parse_task(answer, names) if answer is not None else None
-    entry = {"id": job.id, "key": job.key, "category": task or FALLBACK_TASK, "answer": answer}
+    entry = {"id": job.id, "fingerprint": job.fingerprint, "category": task or FALLBACK_TASK, "answer": answer}
     if error is not None:
         entry["error"] = error
     return entry
@@ -354,11 +353,6 @@ def format_metrics(metrics, names, top_confusions=10):
 # -- backends -------------------------------------------------------------------------
 # Each backend calls ``save_results(results)`` with (job, answer, error) triples as
 # answers come in; it appends them to the progress file at once.
-
-
-def chunked(seq, size):
-    for start in range(0, len(seq), size):
-        yield seq[start:start + size]
 
 
 def build_prompts(jobs, fit, stats):
@@ -437,7 +431,7 @@ def classify_with_vllm(args, jobs, names, save_results, stats, stopper):
     params = vllm_sampling_params(names, args.constrained)
     max_model_len = engine_max_model_len(llm, args.max_model_len)
     fit = PromptFitter(llm.get_tokenizer(), max_model_len - MAX_TOKENS) if max_model_len else None
-    for chunk in chunked(jobs, args.chunk_size):
+    for chunk in batched(jobs, args.chunk_size):
         if stopper.is_set():
             return
         outputs = llm.generate(build_prompts(chunk, fit, stats), params, use_tqdm=False)
@@ -467,14 +461,14 @@ def classify_with_transformers(args, jobs, names, save_results, stats, stopper):
     trie = build_choice_trie(tokenizer, names, eos) if args.constrained else None
 
     logger.info("transformers: %s on %s, batches of %d", args.model, device, args.batch_size)
-    for chunk in chunked(jobs, args.chunk_size):
+    for chunk in batched(jobs, args.chunk_size):
         if stopper.is_set():
             return
         prompts = build_prompts(chunk, fit, stats)
         answers = [None] * len(chunk)
         # Similar lengths together: less padding.
         order = sorted(range(len(chunk)), key=lambda i: len(prompts[i]), reverse=True)
-        for batch in chunked(order, args.batch_size):
+        for batch in batched(order, args.batch_size):
             encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
             prompt_len = encoded["input_ids"].shape[1]
             with torch.no_grad():
@@ -705,12 +699,13 @@ def main(argv=None) -> int:
         raise InputError(f"{args.output_path}: --output_path is a folder, expected a file path")
     refuse_overwriting_input(args.input_data_path, args.output_path)
 
-    key_model = f"openai_chat:{args.model}" if args.backend == "openai_chat" else args.model
     price = price_of_run(args, args.model) if args.backend in API_BACKENDS else None
+    sampling = api_sampling(args, names) if args.backend in API_BACKENDS else None
     if args.eval:
         items = load_eval_items(args.input_data_path)
         total = len(items)
-        jobs = [Job(i, item["instruction"], query_key(key_model, item["instruction"])) for i, item in enumerate(items)]
+        jobs = [Job(i, item["instruction"], job_fingerprint(args, sampling, item["instruction"]))
+                for i, item in enumerate(items)]
         unknown = {item["category"] for item in items} - set(names)
         if unknown:
             logger.warning("gold categories outside the 46 tasks: %s", ", ".join(sorted(unknown)))
@@ -721,7 +716,7 @@ def main(argv=None) -> int:
             total += 1
             if needs_label(rec, names, args.overwrite):
                 query = rec["items"][0]["value"]
-                jobs.append(Job(rec["id"], query, query_key(key_model, query)))
+                jobs.append(Job(rec["id"], query, job_fingerprint(args, sampling, query)))
 
     progress_path = progress_path_for(args.output_path)
     if args.dry_run:

@@ -288,16 +288,15 @@ def read_candidate_checks(directory):
     """What reformat's checks found among the candidates, added up over the batch files of
     ``directory`` (their lines' ``candidate_checks``): ``{"records", "candidates", "rejected",
     "kept_original"}``."""
-    from realign import find_batch_files, iter_progress
+    from realign import find_batch_files, read_progress_lines
 
     _, batches = find_batch_files(directory)
     totals = {"records": 0, "candidates": 0, "failing": 0, "problems": Counter(), "kept_original": 0}
-    last = {}  # a rerun appends a record's line again: its last line counts
-    for path in batches.values():
-        for entry in iter_progress(path):
-            if isinstance(entry, dict) and isinstance(entry.get("candidate_checks"), dict):
-                last[(path, json.dumps(entry.get("id")))] = (entry["candidate_checks"], entry.get("status"))
-    for checks, status in last.values():
+    lines = (entry for path in batches.values() for entry in read_progress_lines(path)[0].values())
+    for entry in lines:  # a rerun appends a record's line again: its last line counts
+        checks, status = entry.get("candidate_checks"), entry.get("status")
+        if not isinstance(checks, dict):
+            continue
         totals["records"] += 1
         totals["candidates"] += int(checks.get("candidates") or 0)
         totals["failing"] += int(checks.get("failing") or 0)
@@ -1027,6 +1026,7 @@ def judge_samples(args, eligible, samplers, references, summary):
                           for judge, lines in chosen.items()))
     judging = Judging(args.judge, judge_sampling(args), args.max_judge_retries)
     usage = send_judge_requests(args, judging, judged_items(args, references, chosen))
+    usage.write(args.usage_path)
     if args.dry_run:
         for line in usage.dry.lines(extra=f"judge model {args.judge_model}"):
             print(line)

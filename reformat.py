@@ -65,7 +65,6 @@ request; 2 bad input, or another process is writing the same batch file; 130 int
 
 import argparse
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -84,10 +83,12 @@ from realign import (
     chunk_bounds,
     count_records,
     exits_cleanly,
+    fingerprint,
     iter_progress,
     iter_records_range,
     non_negative_int,
     positive_int,
+    read_progress_lines,
     setup_logging,
     write_atomic,
     write_json_atomic,
@@ -327,11 +328,6 @@ def check_evidence(record, index, path):
                          "must be a list of strings")
 
 
-def fingerprint(*parts):
-    """A short hash of what made a batch line: a changed part means the line is redone."""
-    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:24]
-
-
 def estimate_tokens(text):
     return len(text) / CHARS_PER_TOKEN  # no tokenizer: the client's estimate
 
@@ -440,13 +436,8 @@ def read_array_layout(output_directory):
 def read_batch_file(path):
     """``{id: (fingerprint, status)}`` of the last line of each id in the batch file
     (status: "failed", "rejected", or None for a rewrite or a pass-through)."""
-    lines = {}
-    for entry in iter_progress(path):
-        record_id = entry.get("id") if isinstance(entry, dict) else None
-        if isinstance(record_id, bool) or not isinstance(record_id, (int, str)):
-            continue
-        lines[record_id] = (entry.get("fingerprint"), entry.get("status"))
-    return lines
+    return {record_id: (entry.get("fingerprint"), entry.get("status"))
+            for record_id, entry in read_progress_lines(path)[0].items()}
 
 
 def is_done(line, fp, retry_failed):
@@ -779,7 +770,7 @@ def make_transport(args, api_key, sampling):
                                     price_of_run(args, args.model, batch=True)), online
 
 
-def engine_options(args, cache, transport):
+def engine_options(args, cache, transport, **fields):
     count_prompt, counted = None, None
     if args.dry_run and args.tokenizer_path:
         count_prompt, counted = prompt_counter(args.tokenizer_path), f"counted with {args.tokenizer_path}"
@@ -787,7 +778,7 @@ def engine_options(args, cache, transport):
     # counts every request at the batch price, as nearly all of them go into batches).
     price = price_of_run(args, args.model, batch=args.batch_api and args.dry_run)
     return options_from_args(args, cache=cache, price=price, limits_key=transport.limits_key,
-                             count_prompt=count_prompt, counted=counted, refusal_hint=REFUSAL_HINT)
+                             count_prompt=count_prompt, counted=counted, refusal_hint=REFUSAL_HINT, **fields)
 
 
 def prompt_counter(tokenizer_path):
@@ -875,11 +866,9 @@ def run_chunk(args, chunk, plans, path, total, how, api_key, cache):
                                                   args.dataset_batch_num)) as chunk.unused, \
                 progress_bar(total=chunk.end - chunk.start, initial=counts["done"], unit="rec",
                              desc=f"chunk {args.dataset_batch_id}") as chunk.bar:
-            if counts["rewrite"]:
-                usage = send_requests(chunk, transport, engine_options(args, cache, transport), "reformat")
-            else:  # nothing to ask: the pass-through lines only, and no request at all
-                for _ in chunk:
-                    pass
+            # With nothing to rewrite, the pass-through lines only: no model check either.
+            options = engine_options(args, cache, transport, check_first=counts["rewrite"] > 0)
+            usage = send_requests(chunk, transport, options, "reformat")
     finally:  # also after a fatal error: say what was done
         elapsed = time.perf_counter() - started
         stats = chunk.stats
@@ -890,13 +879,8 @@ def run_chunk(args, chunk, plans, path, total, how, api_key, cache):
                     chunk.end - chunk.start, counts["done"], counts["stale"], stats["rewritten"], stats["rejected"],
                     stats["passed"], stats["failed"], stats["reasks"], describe_checks(stats, chunk.unused),
                     usage.describe() if usage else "requests: 0", elapsed, asked / elapsed if elapsed > 0 else 0.0)
-    if usage is not None:
-        usage.write(args.usage_path, records=dict(stats))
-        usage.finish(path)
-    elif args.usage_path:
-        write_json_atomic(args.usage_path, {"stage": "reformat", "dry_run": False, "requests": 0, "cache_hits": 0,
-                                            "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-                                            "records": dict(stats), "stopped": None})
+    usage.write(args.usage_path, records=dict(stats))
+    usage.finish(path)
     failed_total = counts["old_failed"] + stats["failed"]
     if failed_total:
         logger.warning("%s holds %d failed records (%d from earlier runs); rerun with --retry_failed to ask "

@@ -34,8 +34,6 @@ is writing the same progress file; 130 interrupted (finished searches are kept).
 
 import argparse
 import collections
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -47,10 +45,11 @@ from realign import (
     ProgressWriter,
     check_constants,
     exits_cleanly,
-    iter_progress,
+    fingerprint,
     iter_records,
     positive_float,
     positive_int,
+    read_progress_lines,
     refuse_overwriting_input,
     setup_logging,
     write_json_atomic,
@@ -147,28 +146,21 @@ def output_paths(output_path):
             "progress": f"{stem}_progress.jsonl", "failures": f"{stem}_failures.json"}
 
 
-def search_key(query, gl, hl):
-    """Fingerprint of a search: progress made for another text or locale is not reused."""
-    return hashlib.sha256(json.dumps([query, gl, hl], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+def search_fingerprint(query, gl, hl):
+    """The fingerprint of a search's progress line: progress made for another text or locale is
+    not reused."""
+    return fingerprint("search", query, gl, hl)
 
 
-def read_finished(progress_path, keys):
+def read_finished(progress_path, fingerprints):
     """``({id: raw evidence}, {id: error of a refused query}, stale)`` from a progress file,
-    for the ids of ``keys`` whose fingerprint still matches (``stale`` counts the others)."""
-    finished, refused, stale = {}, {}, 0
-    for entry in iter_progress(progress_path):
-        if not isinstance(entry, dict):
-            continue
-        record_id = entry.get("id")
-        if isinstance(record_id, bool) or not isinstance(record_id, (int, str)) or record_id not in keys:
-            continue
-        if entry.get("key") != keys[record_id]:
-            stale += 1
-            continue
+    for the ids of ``fingerprints`` whose fingerprint still matches (``stale`` counts the others)."""
+    lines, stale = read_progress_lines(progress_path, fingerprints)
+    finished, refused = {}, {}
+    for record_id, entry in lines.items():
         evidence = entry.get("evidence")
         if isinstance(evidence, list) and all(isinstance(text, str) for text in evidence):
             finished[record_id] = evidence
-            refused.pop(record_id, None)
         elif entry.get("refused") and isinstance(entry.get("error"), str):
             refused[record_id] = entry["error"]
     return finished, refused, stale
@@ -201,7 +193,7 @@ class Searches:
     def save(self, record_ids, reply):
         evidence = extract_evidence(reply)
         for record_id in record_ids:
-            self.progress.write({"id": record_id, "key": self.keys[record_id], "evidence": evidence})
+            self.progress.write({"id": record_id, "fingerprint": self.keys[record_id], "evidence": evidence})
             self.found[record_id] = evidence
         self.bar.update(len(record_ids))
         return True
@@ -213,7 +205,7 @@ class Searches:
             logger.warning("id %r: search %s: %s", record_id, "refused" if error.refused else "failed", error)
             if error.refused:
                 self.refused[record_id] = str(error)
-                self.progress.write({"id": record_id, "key": self.keys[record_id], "refused": True,
+                self.progress.write({"id": record_id, "fingerprint": self.keys[record_id], "refused": True,
                                      "error": str(error)})
             else:
                 self.failed[record_id] = str(error)
@@ -283,7 +275,7 @@ def main(argv=None) -> int:
         multi_turn += len(record["items"]) > 2
         if needs_retrieval(record):
             wanted[record["id"]] = record["items"][0]["value"]
-    keys = {record_id: search_key(query, args.gl, args.hl) for record_id, query in wanted.items()}
+    keys = {record_id: search_fingerprint(query, args.gl, args.hl) for record_id, query in wanted.items()}
     price = SEARCH_PRICE if args.price_per_search is None else args.price_per_search
     evidence, refused, stale = read_finished(paths["progress"], keys)
     if args.retry_failed and refused:

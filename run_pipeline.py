@@ -45,11 +45,11 @@ from realign import (
     chunk_bounds,
     count_records,
     exits_cleanly,
-    iter_progress,
     iter_records,
     iter_records_range,
     positive_float,
     positive_int,
+    read_progress_lines,
     setup_logging,
 )
 from realign.client import REASONING_EFFORTS, SERVICE_TIERS, json_object, optional_float
@@ -73,11 +73,11 @@ def needs_classification(path):
     return any(not isinstance(r["items"][0].get("category"), str) for r in iter_records(path))
 
 
-def missing_batch_ids(path, total, batch_file, batch_num, batch_id):
-    """How many ids of chunk ``batch_id`` are absent from its batch file (streamed)."""
+def missing_ids(path, total, batch_file, batch_num, batch_id):
+    """The ids of chunk ``batch_id`` that its batch file lacks (streamed)."""
     start, end = chunk_bounds(total, batch_num, batch_id)
-    done = {entry.get("id") for entry in iter_progress(batch_file) if isinstance(entry, dict)}
-    return sum(1 for record in iter_records_range(path, start, end) if record["id"] not in done)
+    done = read_progress_lines(batch_file)[0]
+    return [record["id"] for record in iter_records_range(path, start, end) if record["id"] not in done]
 
 
 def read_usage(path):
@@ -197,8 +197,9 @@ def usage_path(args, stage):
     return os.path.join(args.output_directory, "logs", f"{stage}.usage.json")
 
 
-class Budget:
-    """``--max_cost`` over the whole pipeline: what each stage may still spend."""
+class PipelineSpend:
+    """What the stages of the pipeline spent (their usage files), and what each may still
+    spend of ``--max_cost``."""
 
     def __init__(self, cap):
         self.cap = cap
@@ -258,9 +259,9 @@ def run_reformat(args, runner, input_path, out, budget):
     total = count_records(input_path) if unsuccessful else 0  # a 1M-record input is not read again for nothing
     for batch_id, code, log_path in unsuccessful:
         batch_file = batch_file_path(rewrite_dir, batch_id, args.num_processes)
-        missing = missing_batch_ids(input_path, total, batch_file, args.num_processes, batch_id)
+        missing = missing_ids(input_path, total, batch_file, args.num_processes, batch_id)
         if missing:
-            crashed.append(f"{batch_id} (exit status {code}, {missing} records not done; see {log_path})")
+            crashed.append(f"{batch_id} (exit status {code}, {len(missing)} records not done; see {log_path})")
         else:
             with_failed_records.append(batch_id)
     if crashed:
@@ -289,7 +290,7 @@ def convert_input(args, out):
 
 
 def run_stages(args, runner, out):
-    budget = Budget(args.max_cost)
+    budget = PipelineSpend(args.max_cost)
     realign_input = convert_input(args, out)
     data_path = realign_input
 

@@ -351,6 +351,7 @@ class Options:
     completion_note: str = "n x the original response's length; reasoning tokens not included"
     refusal_hint: str = ""  # what to check when every request is refused
     grace: float = STOP_GRACE
+    check_first: bool = True  # the transport's check (the model) before anything is written or sent
 
 
 class Run:
@@ -541,7 +542,7 @@ async def run_requests(requests, transport, options, stage, stopper):
     :class:`Usage`. The transport's ``run`` (the Batch API) replaces the pool when it has one."""
     run = Run(stage, transport, options, stopper)
     try:
-        if run.dry is None:  # the model check before anything is written or sent
+        if run.dry is None and options.check_first:  # the model check before anything is written or sent
             await run.prepare()
         if hasattr(transport, "run"):
             await transport.run(run, requests)

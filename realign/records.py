@@ -13,6 +13,7 @@ second process off an output another one is writing.
 import contextlib
 import errno
 import fcntl
+import hashlib
 import itertools
 import json
 import logging
@@ -459,14 +460,28 @@ def iter_progress(path):
                     logger.warning("%s: ignoring unreadable line %d", path, lineno)
 
 
-def read_progress(path):
-    """The entries of a JSONL progress file as a list (see :func:`iter_progress`)."""
-    return list(iter_progress(path))
+def fingerprint(*parts):
+    """A short hash of what made a progress line (the request, and what reads its reply): a
+    line whose fingerprint no longer matches was made with other settings and is redone."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:24]
 
 
-def read_done_ids(path, key="id"):
-    """The set of ``key`` values already present in a progress file."""
-    return {entry[key] for entry in read_progress(path) if isinstance(entry, dict) and key in entry}
+def read_progress_lines(path, fingerprints=None):
+    """``({id: entry}, stale)``: the last line of each id of a progress file (a torn or bad
+    line skipped, see :func:`iter_progress`). With ``fingerprints`` (``{id: fingerprint}``)
+    only the ids it names whose last line carries that ``fingerprint``; ``stale`` counts the
+    ids whose last line carries another (made with other settings)."""
+    last = {}
+    for entry in iter_progress(path):
+        record_id = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(record_id, bool) or not isinstance(record_id, (int, str)):
+            continue
+        if fingerprints is None or record_id in fingerprints:
+            last[record_id] = entry
+    if fingerprints is None:
+        return last, 0
+    current = {i: e for i, e in last.items() if e.get("fingerprint") == fingerprints[i]}
+    return current, len(last) - len(current)
 
 
 class ProgressWriter:

@@ -88,7 +88,7 @@ def test_unknown_answer_becomes_default_in_progress_entry():
     assert classify.progress_entry(job, " Banana_task ", NAMES)["category"] == "default"
     assert classify.progress_entry(job, " open_qa\n", NAMES)["category"] == "open_qa"
     refused = classify.progress_entry(job, None, NAMES, error="HTTP 400: nope")
-    assert refused == {"id": 7, "key": "k", "category": "default", "answer": None, "error": "HTTP 400: nope"}
+    assert refused == {"id": 7, "fingerprint": "k", "category": "default", "answer": None, "error": "HTTP 400: nope"}
 
 
 def test_metrics_match_hand_computed_numbers():

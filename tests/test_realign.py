@@ -23,8 +23,8 @@ from realign import (
     iter_records_range,
     load_records,
     parse_retry_after,
-    read_done_ids,
-    read_progress,
+    fingerprint,
+    read_progress_lines,
     refuse_overwriting_input,
     retry_delay,
     write_atomic,
@@ -157,14 +157,26 @@ def test_progress_resume_ignores_a_torn_last_line(tmp_path, caplog):
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"id": 3, "v": "c')  # killed mid-write
     with caplog.at_level(logging.WARNING):
-        assert read_done_ids(path) == {1, "two"}
+        assert set(read_progress_lines(path)[0]) == {1, "two"}
     assert "torn last line" in caplog.text
 
     # Appending after the crash starts on a clean line: the torn tail is cut off.
     with ProgressWriter(path) as writer:
         writer.write({"id": 3, "v": "c"})
-    assert [e["id"] for e in read_progress(path)] == [1, "two", 3]
-    assert read_progress(str(tmp_path / "none.jsonl")) == []
+    assert list(read_progress_lines(path)[0]) == [1, "two", 3]
+    assert read_progress_lines(str(tmp_path / "none.jsonl")) == ({}, 0)
+
+
+def test_progress_lines_keep_the_last_line_of_an_id_and_count_other_fingerprints(tmp_path):
+    path = str(tmp_path / "progress.jsonl")
+    with ProgressWriter(path) as writer:
+        for entry in ({"id": 1, "fingerprint": "old", "v": 1}, {"id": 1, "fingerprint": "new", "v": 2},
+                      {"id": "1", "fingerprint": "new", "v": 3}, {"id": 2, "fingerprint": "other", "v": 4},
+                      {"id": True, "fingerprint": "new"}, {"id": 9, "fingerprint": "new", "v": 5}):
+            writer.write(entry)
+    lines, stale = read_progress_lines(path, {1: "new", "1": "new", 2: "new"})
+    assert {i: e["v"] for i, e in lines.items()} == {1: 2, "1": 3} and stale == 1  # 9 is not asked for
+    assert fingerprint("a", 1) == fingerprint("a", 1) != fingerprint("a", 2) and len(fingerprint("a")) == 24
 
 
 def test_progress_tolerates_a_file_that_is_one_torn_line(tmp_path):

@@ -345,7 +345,7 @@ def test_a_query_refused_for_good_is_recorded_and_not_sent_again(fake_serper, tm
     assert sorted(queries_sent(fake_serper)) == ["Fine?", "Refused?"]  # a 400 is not retried (order varies)
     assert "evidence" not in read_json(output)[1]["items"][0]
     assert {line["id"]: line for line in read_lines(str(tmp_path / "out_progress.jsonl"))}[2] == {
-        "id": 2, "key": retrieval.search_key("Refused?", "us", "en"), "refused": True,
+        "id": 2, "fingerprint": retrieval.search_fingerprint("Refused?", "us", "en"), "refused": True,
         "error": "HTTP 400: Bad request."}
     assert not os.path.exists(tmp_path / "out_failures.json")
 
@@ -480,11 +480,11 @@ def test_finished_progress_is_used_as_saved(fake_serper, tmp_path):
     records = [record(1, "One?", "open_qa"), record("two", "Two?", "open_qa")]
     input_path = write_input(tmp_path, records)
     output = str(tmp_path / "out.json")
-    key = retrieval.search_key("Two?", "us", "en")
+    key = retrieval.search_fingerprint("Two?", "us", "en")
     (tmp_path / "out_progress.jsonl").write_text(
-        json.dumps({"id": "two", "key": key, "evidence": ["Saved earlier.", "Posted: yesterday"]}) + "\n"
-        + json.dumps({"id": 2, "key": key, "evidence": ["Another input's record."]}) + "\n"
-        + json.dumps({"id": 1, "key": retrieval.search_key("An older text of One?", "us", "en"),
+        json.dumps({"id": "two", "fingerprint": key, "evidence": ["Saved earlier.", "Posted: yesterday"]}) + "\n"
+        + json.dumps({"id": 2, "fingerprint": key, "evidence": ["Another input's record."]}) + "\n"
+        + json.dumps({"id": 1, "fingerprint": retrieval.search_fingerprint("An older text of One?", "us", "en"),
                       "evidence": ["Evidence for a question since edited."]}) + "\n", encoding="utf-8")
     assert run(input_path, output, fake_serper) == 0
     assert queries_sent(fake_serper) == ["One?"]  # the edited question is searched again
