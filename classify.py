@@ -53,7 +53,7 @@ from realign import (
 )
 from realign.cache import open_cache, request_key
 from realign.records import batched
-from realign.cli import progress_bar
+from realign.cli import ArgumentParser, progress_bar
 from realign.client import (
     CHAT,
     COMPLETIONS,
@@ -65,9 +65,9 @@ from realign.client import (
     reply_text,
     resolve_api_key,
 )
-from realign.engine import Request, options_from_args, send_requests
+from realign.engine import STATUS_SECONDS, Request, Usage, options_from_args, send_requests
 from realign.pool import Stopper
-from realign.pricing import price_of_run
+from realign.pricing import Spend, price_of_run
 
 logger = logging.getLogger("classify")
 
@@ -565,14 +565,15 @@ def api_transport(args, api_key, sampling):
                            check_model=args.model_check, effort_is_default=sampling.effort_is_default)
 
 
-def classify_with_api(args, jobs, names, save_results, stats, api_key, price):
+def classify_with_api(args, jobs, names, save_results, stats, api_key, price, progress=None):
     """``--concurrency`` requests at once through the engine; its Usage."""
     cache = open_cache(args)
     sampling = api_sampling(args, names)
     transport = api_transport(args, api_key, sampling)
     options = options_from_args(args, cache=cache, price=price, limits_key=transport.limits_key,
                                 completion_note=f"about {EXPECTED_ANSWER_TOKENS} tokens an answer",
-                                refusal_hint="check --model, --base_url, --constrained and --extra_body")
+                                refusal_hint="check --model, --base_url, --constrained and --extra_body",
+                                progress=progress)
     try:
         return send_requests(api_requests(args, jobs, sampling, save_results, stats), transport, options, "classify")
     finally:
@@ -593,7 +594,7 @@ def dry_run_api(args, jobs, names, price):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Label each record's first query with one of the 46 ReAlign tasks (stage 1).")
     parser.add_argument("--input_data_path", required=True,
                         help="records to classify (JSON list or JSONL); with --eval, [{instruction, category}]")
@@ -619,10 +620,10 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="classify records that already carry a valid category too (default: keep theirs)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip records already in the progress file (--no-resume starts over)")
+                        help="skip records already in the progress file (--no-resume starts over; default: on)")
     parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=False,
                         help="evaluate the classifier on [{instruction, category}] data: accuracy, macro F1, "
-                             "per-task table; writes predictions and metrics to --output_path")
+                             "per-task table; writes predictions and metrics to --output_path (default: off)")
     parser.add_argument("--chunk_size", type=positive_int, default=4096,
                         help="prompts per engine call and per progress flush (vllm, transformers; "
                              "default: %(default)s)")
@@ -636,7 +637,7 @@ def parse_args(argv=None):
     vllm.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                       help="weight dtype (default: %(default)s; float32 on CPU)")
     vllm.add_argument("--enforce_eager", action=argparse.BooleanOptionalAction, default=False,
-                      help="vllm: no CUDA graphs (faster start, needed on CPU)")
+                      help="vllm: no CUDA graphs (faster start, needed on CPU; default: off)")
     vllm.add_argument("--batch_size", type=positive_int, default=16,
                       help="transformers: prompts per forward pass (default: %(default)s)")
     group = add_client_arguments(parser, default_concurrency=32, default_max_retries=5, default_timeout=60.0,
@@ -645,7 +646,8 @@ def parse_args(argv=None):
                                  usage_help="API backends: also write the requests, tokens and spend (with "
                                             "--dry_run: the estimate) as JSON to this file (default: not written)")
     group.add_argument("--timeout", dest="request_timeout", type=positive_float, help=argparse.SUPPRESS)
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
+                        help="log debug messages (default: off)")
     args = parser.parse_args(argv)
     if args.model is None:
         args.model = constant.DEFAULT_MODEL if args.backend == "openai_chat" else DEFAULT_MODEL
@@ -743,6 +745,10 @@ def classify_and_write(args, names, jobs, total, items, progress_path, price, ap
         with ProgressWriter(progress_path) as writer, contextlib.ExitStack() as stack:
             bars = []  # opened with the first answers, so that the model's loading logs do not tear it
 
+            # The local backends' usage file says what is done (the engine writes the API backends').
+            local = Usage("classify", None, Spend()) if args.backend not in API_BACKENDS else None
+            written = [0.0]
+
             def save_results(results):
                 if not bars:
                     bars.append(stack.enter_context(
@@ -752,15 +758,20 @@ def classify_and_write(args, names, jobs, total, items, progress_path, price, ap
                     writer.write(entry)
                     done[job.id] = entry
                 bars[0].update(len(results))
+                if local is not None and time.monotonic() - written[0] >= STATUS_SECONDS:
+                    local.write(args.usage_path, running=True, done=len(done), total=len(jobs))
+                    written[0] = time.monotonic()
 
             started = time.perf_counter()
             if args.backend in API_BACKENDS:
-                usage = classify_with_api(args, todo, names, save_results, stats, api_key, price)
+                usage = classify_with_api(args, todo, names, save_results, stats, api_key, price,
+                                          progress=lambda: (len(done), len(jobs)))
                 logger.info("openai: %s", usage.describe())
                 usage.write(args.usage_path)
                 usage.finish(progress_path)
             else:
                 run_local_backend(args, todo, names, save_results, stats)
+                local.write(args.usage_path, done=len(done), total=len(jobs))
             elapsed = time.perf_counter() - started
         classified = sum(1 for job in todo if job.id in done)
         logger.info("classified %d records in %.1f s (%.1f records/s, model loading included)",

@@ -1,11 +1,11 @@
 """Convert a dataset between ReAlign records and Alpaca, ShareGPT or OpenAI-style messages.
 
 Usage:
-    python convert.py --input_path alpaca_data.json --output_path outputs/alpaca_realign.json --to realign
-    python convert.py --input_path outputs/examples/final.json --output_path outputs/final_messages.jsonl \
+    python convert.py --input_data_path alpaca_data.json --output_path outputs/alpaca_realign.json --to realign
+    python convert.py --input_data_path outputs/examples/final.json --output_path outputs/final_messages.jsonl \
         --to messages --keep_original --original_path outputs/alpaca_realign.json
 
-Reads --input_path (.json list, .jsonl, or .parquet with pyarrow) in the format --from names
+Reads --input_data_path (.json list, .jsonl, or .parquet with pyarrow) in the format --from names
 (default auto: detected from the first 100 records, and logged) and writes --output_path
 (file type by its extension: .json, .jsonl, .parquet) in the format --to names, streaming
 and atomically. Into realign, every record gets an id (its own id/idx/uuid, else its 0-based
@@ -26,15 +26,17 @@ import logging
 import sys
 
 from realign import exits_cleanly, setup_logging
+from realign.cli import ArgumentParser
 from realign.formats import FORMATS, convert_file, summary_line
 
 logger = logging.getLogger("convert")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Convert a dataset between ReAlign records and Alpaca, ShareGPT or messages.")
-    parser.add_argument("--input_path", required=True, help="dataset to read: .json (list), .jsonl or .parquet")
+    parser.add_argument("--input_data_path", "--input_path", dest="input_path", required=True,
+                        help="dataset to read: .json (list), .jsonl or .parquet (--input_path: the older name)")
     parser.add_argument("--output_path", required=True,
                         help="file to write (atomically); its extension picks the file type: .json, .jsonl, .parquet")
     parser.add_argument("--from", dest="from_format", choices=("auto", *FORMATS), default="auto",
@@ -43,10 +45,11 @@ def parse_args(argv=None):
                         help="format to write: realign (the pipeline's input) or a trainer's alpaca, sharegpt, messages")
     parser.add_argument("--keep_original", action=argparse.BooleanOptionalAction, default=False,
                         help="out of realign: add 'original_response', the response before rewriting "
-                             "(needs --original_path for records tagged rewrite)")
+                             "(needs --original_path for records tagged rewrite; default: off)")
     parser.add_argument("--original_path", default=None,
-                        help="with --keep_original: the pipeline's input (any format), paired with the records by id")
-    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
+                        help="with --keep_original: the pipeline's input (any format), paired with the records by id "
+                             "(default: none)")
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="log debug messages (default: off)")
     args = parser.parse_args(argv)
     if args.original_path and not args.keep_original:
         parser.error("--original_path is only read with --keep_original")

@@ -53,8 +53,6 @@ judges (never logged).
 """
 
 import argparse
-import hashlib
-import heapq
 import json
 import logging
 import os
@@ -74,11 +72,13 @@ from realign import (
     refuse_overwriting_input,
     setup_logging,
 )
+from realign.cli import ArgumentParser
 from realign.metrics import (
     CHANGED,
     REWRITE_THRESHOLD,
     REWRITTEN,
     MeasureStats,
+    Sampler,
     edit_rate_of_words,
     is_rewritten,
     split_words,
@@ -97,6 +97,7 @@ from realign.engine import Request, options_from_args, send_requests
 from realign.lengths import load_length_counter
 from realign.pricing import price_of_run
 from realign.quality import TEXT_CHECKS, find_problems
+from realign.report_html import MAX_FLAGGED, PER_TASK, RecordSample, figure_svg, render_page
 from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
 logger = logging.getLogger("evaluate")
@@ -106,6 +107,9 @@ DEFAULT_JUDGE_MODEL = "gpt-6-sol"  # the paper judged with GPT-4; today's strong
 JUDGE_MAX_TOKENS = 1024  # a short explanation, then the verdict
 JUDGE_EXPECTED_TOKENS = 200  # what one verdict costs, for --max_cost and the dry run
 NO_TASK = "(none)"  # records without items[0].category
+# One word per meaning: the filter's choice (its tag) is "rewrite kept" or "original kept";
+# "substantially rewritten" is the paper's measure (edit rate above the threshold).
+CHOICE_WORDS = {"rewrite": "rewrite kept", "original": "original kept", "(none)": "no choice (not filtered)"}
 NO_GROUP = "(no group)"  # tasks that TASK_GROUPS does not list
 RECORDS_PER_BATCH = 2048  # records per length-counting call (a tokenizer counts a batch at once)
 SHOWN_IDS = 5  # example ids an error message lists
@@ -129,7 +133,7 @@ OUTCOME_REWRITE_FIRST = {"A": "win", "B": "loss", "C": "tie"}
 OUTCOMES = ("win", "tie", "loss")
 
 Original = namedtuple("Original", "id index task question response evidence")
-Rewritten = namedtuple("Rewritten", "id index task response tag reject_reason")
+Rewritten = namedtuple("Rewritten", "id index task response tag reject_reason merged", defaults=(None,))
 JudgeItem = namedtuple("JudgeItem", "id line question original rewrite reference")
 
 
@@ -250,8 +254,17 @@ def summarize(task_stats):
     }, overall
 
 
+def with_merged(rewrites, merged_path, unpaired):
+    """The rewrites of the final file, each with the model's rewrite from the merged file
+    (``merged``): what the filter chose from, also where it kept the original."""
+    merged = (Rewritten(r["id"], index, None, r["items"][1]["value"], None, None)
+              for index, r in enumerate(iter_records(merged_path, require_response=True)))
+    for final, model in pair_by_id(rewrites, merged, unpaired):
+        yield final._replace(merged=model.response)
+
+
 def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpaired=False,
-                  threshold=REWRITE_THRESHOLD, on_record=None, rewrite_directory=None):
+                  threshold=REWRITE_THRESHOLD, on_record=None, rewrite_directory=None, merged_path=None):
     """The free measures of two files: ``(summary, overall MeasureStats)``.
 
     ``summary`` holds "inputs", "unpaired", "overall", "groups" and "tasks" (see
@@ -261,7 +274,14 @@ def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpai
     unpaired = {}
     originals = slim_originals(iter_records(original_path, require_response=True))
     rewrites = slim_rewrites(iter_records(rewritten_path, require_response=True), rewritten_path)
+    unpaired_merged = {}
+    if merged_path:
+        rewrites = with_merged(rewrites, merged_path, unpaired_merged)
     task_stats = measure_pairs(pair_by_id(originals, rewrites, unpaired), count_lengths, threshold, on_record)
+    if merged_path and (unpaired_merged["original"] or unpaired_merged["rewritten"]):
+        left, path, other = ((unpaired_merged["original"], rewritten_path, merged_path) if unpaired_merged["original"]
+                             else (unpaired_merged["rewritten"], merged_path, rewritten_path))
+        raise InputError(unpaired_message(left, path, other) + "; the files must come from the same run")
     for side, path, other in (("original", original_path, rewritten_path),
                               ("rewritten", rewritten_path, original_path)):
         if unpaired[side]:
@@ -331,7 +351,8 @@ def headline(summary):
     overall = summary["overall"]
     threshold = summary["inputs"]["rewrite_threshold"]
     parts = [
-        f"rewritten {percent(overall['share_rewritten'])} (edit rate > {threshold:g}) of {overall['records']:,}",
+        (f"substantially rewritten {percent(overall['share_rewritten'])} (edit rate > {threshold:g}) of "
+         f"{overall['records']:,}"),
         (f"mean length {overall['length_before']['mean']:.1f} -> {overall['length_after']['mean']:.1f} "
          f"{summary['inputs']['length_unit']}"),
         f"changed {percent(overall['share_changed'])}",
@@ -402,47 +423,6 @@ def combine_orders(original_first, rewrite_first):
     """
     first, second = OUTCOME_ORIGINAL_FIRST[original_first], OUTCOME_REWRITE_FIRST[rewrite_first]
     return (first, True) if first == second else ("tie", False)
-
-
-def sample_key(seed, record_id):
-    """A pseudo-random 64-bit key of ``(seed, id)``, the same on every machine and run."""
-    digest = hashlib.blake2b(json.dumps([seed, record_id]).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-class Sampler:
-    """A seeded random sample of ``k`` records, drawn while streaming (``k`` None keeps all).
-
-    Keeps the ``k`` records whose :func:`sample_key` is smallest (a heap of ``k``), so the
-    sample depends on the ids and the seed, not on the order of the files, and samples of
-    one seed nest: the sample of 50 is part of the sample of 100.
-    """
-
-    def __init__(self, k, seed):
-        self.k, self.seed = k, seed
-        self._heap = []  # (-key, order, item): the largest key on top, to be pushed out
-        self.offered = 0
-
-    def offer(self, record_id, make_item):
-        """Consider one record; ``make_item()`` builds what is kept, only when it is kept."""
-        self.offered += 1
-        key = sample_key(self.seed, record_id)
-        if self.k is None or len(self._heap) < self.k:
-            heapq.heappush(self._heap, (-key, self.offered, make_item()))
-        elif key < -self._heap[0][0]:
-            heapq.heapreplace(self._heap, (-key, self.offered, make_item()))
-
-    def items(self):
-        """The sampled items, smallest key first."""
-        return [item for _, _, item in sorted(self._heap, key=lambda entry: (-entry[0], entry[1]))]
-
-
-def sample_records(records, k, seed, key=lambda record: record["id"]):
-    """A seeded random sample of ``k`` of ``records`` (see :class:`Sampler`)."""
-    sampler = Sampler(k, seed)
-    for record in records:
-        sampler.offer(key(record), lambda record=record: record)
-    return sampler.items()
 
 
 # -- judges: the requests, through the request engine --------------------------------------
@@ -662,7 +642,8 @@ def render_report(summary, plot_link=None):
         parts.append(f"![charts]({plot_link})")
     parts += ["## Overall", table(["measure", "value"], [
         ["records", f"{overall['records']:,}"],
-        [f"rewritten (edit rate > {threshold:g})", f"{overall['rewritten']:,} ({percent(overall['share_rewritten'])})"],
+        [f"substantially rewritten (edit rate > {threshold:g})",
+         f"{overall['rewritten']:,} ({percent(overall['share_rewritten'])})"],
         ["changed at all", f"{overall['changed']:,} ({percent(overall['share_changed'])})"],
         ["mean edit rate", number(overall["mean_edit_rate"], 3)],
         [f"mean length before -> after ({unit})",
@@ -674,16 +655,16 @@ def render_report(summary, plot_link=None):
          f"{number(ratios['median'], 2)} [{number(ratios['p25'], 2)}, {number(ratios['p75'], 2)}]"],
         ["per-record length ratio: p5, p95", f"{number(ratios['p5'], 2)}, {number(ratios['p95'], 2)}"],
     ])]
-    header = ["records", "rewritten", "changed", f"mean before ({unit})", "mean after", "length ratio",
+    header = ["records", "substantially rewritten", "changed", f"mean before ({unit})", "mean after", "length ratio",
               "median ratio"]
     group_rows = [breakdown_row(group, stats) for group, stats in summary["groups"].items()]
     parts += ["## By task group", table(["group", *header], group_rows)]
     parts += ["## By task", table(["task", "group", *header], [
         [task, stats["group"], *breakdown_row(task, stats)[1:]] for task, stats in summary["tasks"].items()])]
     records = overall["records"]
-    parts += ["## Filter tags and reject reasons",
-              table(["tag", "records", "share"],
-                    [[tag, f"{n:,}", percent(n / records)] for tag, n in overall["tags"].items()])]
+    parts += ["## The filter's choices and reject reasons",
+              table(["choice (tag)", "records", "share"],
+                    [[CHOICE_WORDS.get(tag, tag), f"{n:,}", percent(n / records)] for tag, n in overall["tags"].items()])]
     if overall["reject_reasons"]:
         parts.append(table(["reject reason", "records", "share"],
                            [[r, f"{n:,}", percent(n / records)] for r, n in overall["reject_reasons"].items()]))
@@ -760,9 +741,10 @@ def draw_task_panel(ax, summary):
     overall = 100 * summary["overall"]["share_rewritten"]
     ax.axvline(overall, color="black", linestyle="--", linewidth=1)
     ax.set_xlim(0, 112)
-    ax.set_xlabel("records rewritten (%)")
+    ax.set_xlabel("records substantially rewritten (%)")
     threshold = summary["inputs"]["rewrite_threshold"]
-    ax.set_title(f"Share rewritten per task (word edit rate > {threshold:g})\ndashed: all records, {overall:.1f}%")
+    ax.set_title(f"Share substantially rewritten per task (word edit rate > {threshold:g})\n"
+                 f"dashed: all records, {overall:.1f}%")
     from matplotlib.patches import Patch
 
     present = [g for g in groups if any(s["group"] == g for _, s in tasks)]
@@ -796,7 +778,8 @@ def draw_ratio_panel(ax, summary, overall_stats):
         return [min(max(r, edges[0]), edges[-1]) for r in ratios]
 
     ax.hist([clip(rewritten), clip(lightly)], bins=edges, stacked=True, color=["C0", "C1"],
-            label=[f"rewritten (edit rate > {summary['inputs']['rewrite_threshold']:g}): {len(rewritten):,}",
+            label=[f"substantially rewritten (edit rate > {summary['inputs']['rewrite_threshold']:g}): "
+                   f"{len(rewritten):,}",
                    f"changed a little: {len(lightly):,}"])
     from matplotlib.ticker import MaxNLocator
 
@@ -852,14 +835,15 @@ def draw_key_figures(ax, summary):
 
     rows = [
         ("records", f"{overall['records']:,}"),
-        (f"rewritten (edit rate > {threshold:g})", f"{overall['rewritten']:,} ({percent(overall['share_rewritten'])})"),
+        (f"substantially rewritten (edit rate > {threshold:g})",
+         f"{overall['rewritten']:,} ({percent(overall['share_rewritten'])})"),
         ("changed at all", f"{overall['changed']:,} ({percent(overall['share_changed'])})"),
         (f"mean length ({unit})", (f"{number(overall['length_before']['mean'])} -> "
                                    f"{number(overall['length_after']['mean'])} "
                                    f"(x{number(overall['length_ratio'], 2)})")),
         (f"median length ({unit})",
          f"{number(overall['length_before']['median'])} -> {number(overall['length_after']['median'])}"),
-        ("tags", counts(overall["tags"])),
+        ("the filter's choices", counts({CHOICE_WORDS.get(tag, tag): n for tag, n in overall["tags"].items()})),
         ("reject reasons", counts(overall["reject_reasons"])),
     ]
     width = max(len(label) for label, _ in rows) + 2
@@ -938,16 +922,29 @@ def rate_threshold(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Measure what ReAlign did to a dataset (the paper's measures).")
-    parser.add_argument("--original_path", "--input_original_data_path", dest="original_path", required=True,
+    parser = ArgumentParser(description="Measure what ReAlign did to a dataset (the paper's measures).")
+    parser.add_argument("--original_path", "--input_data_path", "--input_original_data_path", dest="original_path",
+                        required=True,
                         help="the stage-3 input: the original records (JSON list or JSONL)")
     parser.add_argument("--rewritten_path", "--input_rewrite_data_path", dest="rewritten_path", required=True,
                         help="final.json of rewrite_data_selection.py (or the merged file); paired by id")
-    parser.add_argument("--output_path", default=None, help="JSON to write: every figure and one entry per record")
-    parser.add_argument("--report_path", default=None, help="Markdown report to write")
-    parser.add_argument("--plot_path", default=None, help="PNG to write: one image with all the charts")
+    parser.add_argument("--output_path", default=None, help="JSON to write: every figure and one entry per record (default: not written)")
+    parser.add_argument("--report_path", default=None, help="Markdown report to write (default: not written)")
+    parser.add_argument("--plot_path", default=None, help="PNG to write: one image with all the charts (default: not written)")
+    parser.add_argument("--html_path", default=None,
+                        help="HTML page to write: the figures, the charts and a sample of the records, original and "
+                             "rewrite side by side; one file, opened from disk with no network (default: not written)")
+    parser.add_argument("--merged_path", default=None,
+                        help="the merged file of parallel_data_merge.py, paired by id: the page then shows the "
+                             "rewrites the filter rejected too (default: none)")
+    parser.add_argument("--html_sample", type=positive_int, default=PER_TASK,
+                        help=f"records of each task on the page, a sample drawn with --seed (default: {PER_TASK})")
+    parser.add_argument("--html_flagged", type=non_negative_int, default=MAX_FLAGGED,
+                        help="records on the page, beyond the sample, that a quality check flagged or the filter "
+                             f"rejected (default: at most {MAX_FLAGGED:,})")
     parser.add_argument("--tokenizer_path", default=None,
-                        help="Hugging Face tokenizer to count lengths in tokens (edit rates stay in words)")
+                        help="Hugging Face tokenizer to count lengths in tokens; edit rates stay in words (default: none, lengths "
+                             "in words)")
     parser.add_argument("--rewrite_directory", default=None,
                         help="the folder of reformat.py's batch files: also count what the quality checks found "
                              "among the candidates (default: not counted)")
@@ -957,18 +954,19 @@ def parse_args(argv=None):
     parser.add_argument("--allow_unpaired", action=argparse.BooleanOptionalAction, default=False,
                         help="measure the paired records when some ids are in one file only (default: exit 2)")
     parser.add_argument("--judge", action="append", choices=JUDGES, default=[],
-                        help="add a model judge (repeatable): factuality (needs --reference_path), readability")
+                        help="add a model judge (repeatable): factuality (needs --reference_path), readability (default: "
+                             "none)")
     parser.add_argument("--judge_model", default=DEFAULT_JUDGE_MODEL,
                         help=f"judge model (default {DEFAULT_JUDGE_MODEL}; the paper judged with GPT-4)")
     parser.add_argument("--reference_path", default=None,
-                        help="records whose items[1].value is the reference answer, paired by id (factuality)")
+                        help="records whose items[1].value is the reference answer, paired by id (factuality; default: none)")
     parser.add_argument("--judge_sample", type=positive_int, default=None,
                         help="judge a seeded random sample of this many records (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --judge_sample (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --judge_sample and of the records on the --html_path page (default: 0)")
     parser.add_argument("--max_judge_retries", type=non_negative_int, default=2,
                         help="re-ask a reply without a well-formed verdict this many times, then count it "
                              "apart (default 2)")
-    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="log debug messages (default: off)")
     add_client_arguments(parser, default_concurrency=16)
     args = parser.parse_args(argv)
     finish_client_arguments(parser, args)
@@ -992,12 +990,34 @@ def plot_link(report_path, plot_path):
 
 
 def check_paths(args):
-    outputs = [p for p in (args.output_path, args.report_path, args.plot_path) if p]
+    outputs = [p for p in (args.output_path, args.report_path, args.plot_path, args.html_path) if p]
     if len({os.path.realpath(p) for p in outputs}) < len(outputs):
-        raise InputError("--output_path, --report_path and --plot_path must be different files")
-    for path in (args.original_path, args.rewritten_path, args.reference_path):
+        raise InputError("--output_path, --report_path, --plot_path and --html_path must be different files")
+    for path in (args.original_path, args.rewritten_path, args.merged_path, args.reference_path):
         if path:
             refuse_overwriting_input(path, *outputs)
+
+
+def page_record(entry, original, rewritten):
+    """What the HTML page shows of a record: the model's rewrite (from the merged file, also
+    where the filter kept the original) against the original, with its edit rate, lengths
+    and the quality checks it fails."""
+    shown = rewritten.merged if rewritten.merged is not None else rewritten.response
+    record = {"id": original.id, "task": entry["task"], "question": original.question,
+              "original": original.response, "rewrite": shown, "tag": rewritten.tag,
+              "reject_reason": rewritten.reject_reason, "evidence": list(original.evidence),
+              "edit_rate": entry["edit_rate"], "length_before": entry["length_before"],
+              "length_after": entry["length_after"], "substantially_rewritten": entry["rewritten"],
+              "checks": entry.get("checks", [])}
+    if shown != rewritten.response:  # the filter kept the original: describe the rejected rewrite
+        before, after = split_words(original.response), split_words(shown)
+        rate = edit_rate_of_words(before, after) if shown != original.response else 0.0
+        record.update(edit_rate=round(rate, 4), length_after=len(after), substantially_rewritten=is_rewritten(rate),
+                      checks=find_problems(shown, original.response, original.question, original.evidence,
+                                           entry["task"]))
+        if record["length_before"] != len(before):  # lengths in tokens: the page's pair in words
+            record["length_before"] = len(before)
+    return record
 
 
 def judged_items(args, references, chosen):
@@ -1056,6 +1076,7 @@ def main(argv=None) -> int:
     # With --judge_sample, a seeded sample of lines (their numbers only); else every line.
     samplers = {judge: Sampler(args.judge_sample, args.seed) if args.judge_sample else None for judge in args.judge}
     eligible = Counter()
+    page = RecordSample(args.html_sample, args.seed, args.html_flagged) if args.html_path else None
     # The per-record entries wait in an anonymous temporary file (next to the output when its
     # folder exists) until the figures that precede them in the JSON are known.
     spool_dir = os.path.dirname(os.path.abspath(args.output_path)) if args.output_path else None
@@ -1073,11 +1094,13 @@ def main(argv=None) -> int:
                 eligible[judge] += 1
                 if sampler is not None:
                     sampler.offer(original.id, lambda line=lines: line)
+            if page is not None:
+                page.offer(page_record(entry, original, rewritten))
             lines += 1
 
         summary, overall_stats = measure_files(args.original_path, args.rewritten_path, count_lengths,
                                                args.allow_unpaired, args.rewrite_threshold, on_record,
-                                               args.rewrite_directory)
+                                               args.rewrite_directory, args.merged_path)
         verdicts = judge_samples(args, eligible, samplers, references, summary) if args.judge else {}
         if args.dry_run:
             free = {key: value for key, value in summary.items() if key != "judges"}
@@ -1086,7 +1109,10 @@ def main(argv=None) -> int:
         document = {"headline": headline(summary), **summary}
         # Render everything before writing anything: a failure leaves no half set of outputs.
         report = render_report(document, plot_link(args.report_path, args.plot_path)) if args.report_path else None
-        image = png_bytes(render_charts(document, overall_stats)) if args.plot_path else None
+        # One chart implementation: the PNG and the page's charts are the same figure.
+        figure = render_charts(document, overall_stats) if args.plot_path or args.html_path else None
+        image = png_bytes(figure) if args.plot_path else None
+        html_page = render_page(document, page.records(), page.note(), figure_svg(figure)) if page else None
         if args.output_path:
             spool.flush()
             write_output(args.output_path, document, spool, verdicts)
@@ -1094,7 +1120,10 @@ def main(argv=None) -> int:
         write_text_atomic(args.report_path, report)
     if image is not None:
         write_bytes_atomic(args.plot_path, image)
-    written = ", ".join(p for p in (args.output_path, args.report_path, args.plot_path) if p) or "nothing written"
+    if html_page is not None:
+        write_text_atomic(args.html_path, html_page)
+    written = ", ".join(p for p in (args.output_path, args.report_path, args.plot_path, args.html_path)
+                        if p) or "nothing written"
     logger.info("%s -> %s", document["headline"], written)
     return 0
 

@@ -38,6 +38,7 @@ from realign import (
     setup_logging,
     write_json_list_atomic,
 )
+from realign.cli import ArgumentParser
 
 logger = logging.getLogger("parallel_data_merge")
 
@@ -128,7 +129,7 @@ def missing_message(missing, n_records, batch_num):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Merge reformat.py's batch files into one dataset, by id.")
+    parser = ArgumentParser(description="Merge reformat.py's batch files into one dataset, by id.")
     parser.add_argument("--input_data_path", required=True,
                         help="the stage-3 input that reformat.py read (JSON list or JSONL)")
     parser.add_argument("--output_directory", required=True,
@@ -137,7 +138,7 @@ def parse_args(argv=None):
     parser.add_argument("--allow_partial", action=argparse.BooleanOptionalAction, default=False,
                         help="merge even when ids are missing from the batch files, keeping their original "
                              "response (default: stop with exit status 1 and name the batches to rerun)")
-    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="log debug messages (default: off)")
     return parser.parse_args(argv)
 
 

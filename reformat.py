@@ -94,7 +94,7 @@ from realign import (
     write_json_atomic,
 )
 from realign.cache import open_cache, request_key
-from realign.cli import progress_bar
+from realign.cli import ArgumentParser, progress_bar
 from realign.client import (
     CHAT,
     OpenAITransport,
@@ -140,6 +140,8 @@ def skip_reason(record, rewrite_tasks=REWRITE_TASK):
     items = record["items"]
     if len(items) > 2:
         return f"multi-turn record ({len(items)} items): only single-turn records are reformatted"
+    if not items[1]["value"].strip():
+        return "empty response: nothing to reformat"
     category = items[0].get("category")
     if category is None:
         return "no category: run classify.py first"
@@ -556,7 +558,7 @@ class Chunk:
         self.writer.write(line)
         self.finished.add(line["id"])
         self.bar.update(1)
-        self.stats[outcome or line.get("status") or "rewritten"] += 1
+        self.stats[outcome or line.get("status") or "reformatted"] += 1
 
     def expected_output(self, record):
         """The completion tokens a request is expected to use: n x the original's length."""
@@ -649,7 +651,7 @@ def with_fingerprint(line, fp):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Reformat responses to their task's format with an OpenAI-compatible model (ReAlign "
                     "stage 3). The API key is read from the environment variable OPENAI_API_KEY.")
     parser.add_argument("--input_data_path", required=True,
@@ -669,7 +671,7 @@ def parse_args(argv=None):
     parser.add_argument("--openai_key", default=None,
                         help="API key, kept for compatibility with the original; prefer the environment "
                              "variable OPENAI_API_KEY, which is read first (a key on the command line is "
-                             "visible in the process list and shell history)")
+                             "visible in the process list and shell history; default: $OPENAI_API_KEY)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model name (default: {DEFAULT_MODEL}; the paper used gpt-3.5-turbo-1106, "
                              "shut down on 2026-10-23)")
@@ -867,16 +869,17 @@ def run_chunk(args, chunk, plans, path, total, how, api_key, cache):
                 progress_bar(total=chunk.end - chunk.start, initial=counts["done"], unit="rec",
                              desc=f"chunk {args.dataset_batch_id}") as chunk.bar:
             # With nothing to rewrite, the pass-through lines only: no model check either.
-            options = engine_options(args, cache, transport, check_first=counts["rewrite"] > 0)
+            options = engine_options(args, cache, transport, check_first=counts["rewrite"] > 0,
+                                     progress=lambda: (chunk.bar.n, chunk.bar.total))
             usage = send_requests(chunk, transport, options, "reformat")
     finally:  # also after a fatal error: say what was done
         elapsed = time.perf_counter() - started
         stats = chunk.stats
-        asked = stats["rewritten"] + stats["rejected"] + stats["failed"]
-        logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, rewritten: %d, kept the original "
+        asked = stats["reformatted"] + stats["rejected"] + stats["failed"]
+        logger.info("#chunk: %d, already done: %d, redone (settings changed): %d, reformatted: %d, kept the original "
                     "(no candidate passed the checks): %d, passed through: %d, failed: %d, re-asks: %d, %s, %s, "
                     "%.1f s (%.1f records/s)",
-                    chunk.end - chunk.start, counts["done"], counts["stale"], stats["rewritten"], stats["rejected"],
+                    chunk.end - chunk.start, counts["done"], counts["stale"], stats["reformatted"], stats["rejected"],
                     stats["passed"], stats["failed"], stats["reasks"], describe_checks(stats, chunk.unused),
                     usage.describe() if usage else "requests: 0", elapsed, asked / elapsed if elapsed > 0 else 0.0)
     usage.write(args.usage_path, records=dict(stats))

@@ -56,7 +56,7 @@ from realign import (
     write_json_lists_atomic,
 )
 from realign.cache import open_cache
-from realign.cli import progress_bar
+from realign.cli import ArgumentParser, progress_bar
 from realign.engine import Options, Request, add_engine_arguments, send_requests
 from realign.search import SEARCH_URL_VARIABLE, SERPER_URL, SerperTransport, search_body
 
@@ -212,10 +212,10 @@ class Searches:
         self.bar.update(len(record_ids))
 
 
-def search_options(args, cache, price):
+def search_options(args, cache, price, progress=None):
     """The engine's options: --batch_size searches at once (the original's flag), billed by the search."""
     return Options(concurrency=args.batch_size, max_retries=args.max_retries, cache=cache, search_price=price,
-                   max_cost=args.max_cost, dry_run=args.dry_run,
+                   max_cost=args.max_cost, dry_run=args.dry_run, usage_path=args.usage_path, progress=progress,
                    refusal_hint="check --gl, --hl, --search_url and the key's Serper credits")
 
 
@@ -223,7 +223,7 @@ def search_options(args, cache, price):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Add Google search evidence (Serper) to the records of knowledge-intensive tasks. "
                     "The API key is read from the environment variable SERPER_API_KEY.")
     parser.add_argument("--input_data_path", required=True,
@@ -313,11 +313,12 @@ def search_and_write(args, paths, wanted, keys, evidence, refused, stale, pendin
     usage, failed = None, {}
     if pending:
         with ProgressWriter(paths["progress"]) as progress, \
-                progress_bar(total=len(pending), desc="search", unit="query") as bar:
+                progress_bar(total=len(wanted) - len(refused), initial=resumed, desc="search", unit="rec") as bar:
             searches = Searches(pending, keys, args, progress)
             searches.bar = bar
             transport = SerperTransport(args.search_url, api_key, args.timeout, args.batch_size)
-            usage = send_requests(searches.requests(), transport, search_options(args, cache, price), "retrieval")
+            options = search_options(args, cache, price, progress=lambda: (bar.n, bar.total))
+            usage = send_requests(searches.requests(), transport, options, "retrieval")
         evidence.update(searches.found)
         refused.update(searches.refused)
         failed = searches.failed

@@ -45,6 +45,7 @@ from realign import (
     setup_logging,
     write_json_list_atomic,
 )
+from realign.cli import ArgumentParser
 from realign.lengths import load_length_counter
 from realign.quality import TEXT_CHECKS, find_problems, final_answer_kept, has_code, has_letter, last_number, numbers_in
 
@@ -265,7 +266,7 @@ def summary(stats, rules, unit, quality=True):
     checks = TEXT_CHECKS if quality else ()
     reasons = ", ".join(f"{rule}: {stats[rule]}" for rule in ("unchanged", *checks, *rules) if rule != "true_false")
     counted = f"; lengths in {unit}" if "length" in rules else ""
-    return (f"#in: {stats['in']}, #rewrite: {stats['rewrite']}, #original: {stats['original']} "
+    return (f"#in: {stats['in']}, #rewrite kept: {stats['rewrite']}, #original kept: {stats['original']} "
             f"(rejected by {reasons}{counted})")
 
 
@@ -277,8 +278,9 @@ def parse_threshold(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tag each record rewrite or original by a preset of filter rules.")
-    parser.add_argument("--input_original_data_path", required=True,
+    parser = ArgumentParser(description="Tag each record rewrite or original by a preset of filter rules.")
+    parser.add_argument("--input_original_data_path", "--input_data_path", dest="input_original_data_path",
+                        required=True,
                         help="the stage-3 input: the original records (JSON list or JSONL)")
     parser.add_argument("--input_rewrite_data_path", required=True,
                         help="the merged file written by parallel_data_merge.py; paired with the originals by id")
@@ -288,15 +290,15 @@ def parse_args(argv=None):
                              "alpaca, no_robots, gsm8k/math (final answer only), none")
     parser.add_argument("--tokenizer_path", default=None,
                         help="Hugging Face tokenizer to count lengths in tokens (e.g. meta-llama/Llama-2-7b-chat-hf); "
-                             "without it lengths are counted in words")
+                             "(default: none, lengths are counted in words)")
     parser.add_argument("--length_threshold", type=parse_threshold, default=0.5,
                         help="reject a rewrite at most this many times the original's length (default 0.5)")
     parser.add_argument("--quality_checks", action=argparse.BooleanOptionalAction, default=True,
                         help="before the preset's rules, reject a rewrite that fails a quality check of "
                              f"realign/quality.py ({', '.join(TEXT_CHECKS)}), whatever the preset (default: on)")
     parser.add_argument("--keep_reasons", action=argparse.BooleanOptionalAction, default=False,
-                        help="add 'reject_reason' (the rule's name) to records tagged original")
-    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="debug logging")
+                        help="add 'reject_reason' (the name of the rule or check) to records tagged original (default: off)")
+    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="log debug messages (default: off)")
     return parser.parse_args(argv)
 
 

@@ -172,7 +172,7 @@ def add_batch_arguments(parser):
     group.add_argument("--batch_api", action=argparse.BooleanOptionalAction, default=False,
                        help="send the requests through OpenAI's Batch API instead of one by one: half the price, "
                             "its own rate limits, results within 24 hours; every step is recorded in "
-                            "<output_directory>/batches_{i}_of_{N}.json, and a rerun continues from it")
+                            "<output_directory>/batches_{i}_of_{N}.json, and a rerun continues from it (default: off)")
     group.add_argument("--batch_max_requests", type=positive_int, default=DEFAULT_MAX_REQUESTS,
                        help=f"lines per request file, i.e. per batch (default: {DEFAULT_MAX_REQUESTS:,}, "
                             "OpenAI's limit)")
@@ -182,10 +182,10 @@ def add_batch_arguments(parser):
                        help=f"seconds between two looks at the running batches (default: {DEFAULT_POLL_INTERVAL:g})")
     group.add_argument("--batch_fallback_online", action=argparse.BooleanOptionalAction, default=False,
                        help="send a failed line's last try online instead of in one more batch, so that the "
-                            "last stragglers do not wait for another batch")
+                            "last stragglers do not wait for another batch (default: off)")
     group.add_argument("--batch_cancel", action="store_true",
                        help="cancel this chunk's running batches (those recorded in batches_{i}_of_{N}.json) "
-                            "and exit; a later run keeps what they answered and sends the rest again")
+                            "and exit; a later run keeps what they answered and sends the rest again (default: off)")
     return group
 
 

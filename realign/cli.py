@@ -1,9 +1,11 @@
 """What every script does around its work: logging set-up and turning errors into exit codes."""
 
 import argparse
+import difflib
 import functools
 import logging
 import os
+import re
 import sys
 
 from realign.checks import ConfigError
@@ -88,6 +90,23 @@ def progress_bar(**kwargs):
     return tqdm(file=sys.stderr, **kwargs)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error is one line: the error, the closest flag when one
+    was mistyped, and a pointer to ``--help`` (not the whole usage text)."""
+
+    def error(self, message):
+        hint = ""
+        match = re.match(r"unrecognized arguments: (\S+)", message)
+        if match and match.group(1).startswith("-"):
+            flags = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+            given = match.group(1).split("=")[0]
+            close = difflib.get_close_matches(given.replace("-", "_"), [f.replace("-", "_") for f in flags], n=1,
+                                              cutoff=0.6)
+            if close:
+                hint = f"; did you mean {flags[[f.replace('-', '_') for f in flags].index(close[0])]}?"
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+
 # argparse types: a bad value is a usage error naming the flag, not a crash later.
 
 
@@ -109,4 +128,11 @@ def positive_float(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value

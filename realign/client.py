@@ -197,11 +197,13 @@ def resolve_base_url(flag_value):
     return url.rstrip("/") if url else None
 
 
-def resolve_api_key(flag_key=None, base_url=None):
+def resolve_api_key(flag_key=None, base_url=None, environ=None):
     """The key: ``OPENAI_API_KEY`` first, then the flag (with a warning). None when neither
     is set and ``base_url`` points at a server of the user's (local servers need none);
-    an error when the request would go to OpenAI without a key. Never logged."""
-    env_key = os.environ.get("OPENAI_API_KEY", "").strip()
+    an error when the request would go to OpenAI without a key. Never logged. ``environ``:
+    the environment the request is sent from (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    env_key = environ.get("OPENAI_API_KEY", "").strip()
     flag_key = (flag_key or "").strip()
     if env_key:
         if flag_key and flag_key != env_key:

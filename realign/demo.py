@@ -13,13 +13,14 @@ search three made-up results. ``run_pipeline.py --demo`` starts them itself. Sta
 library only; the tests use the fuller fakes of ``tests/fake_servers.py``.
 """
 
-import argparse
 import json
 import re
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from realign.cli import ArgumentParser
 
 HOST = "127.0.0.1"
 MODELS = ("gpt-6-luna", "gpt-6-sol", "GAIR/ReAlign-Task-Classifier")
@@ -160,7 +161,7 @@ class StandIn:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Local stand-ins for OpenAI and Serper (not a model).")
+    parser = ArgumentParser(description="Local stand-ins for OpenAI and Serper (not a model).")
     parser.add_argument("--openai_port", type=int, default=8000, help="port of the OpenAI stand-in (default: 8000)")
     parser.add_argument("--serper_port", type=int, default=8001, help="port of the Serper stand-in (default: 8001)")
     args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 REJECTION_LIMIT = 8  # this many refused requests before any success: the settings are wrong
 ADAPTABLE_CODES = ("unsupported_parameter", "unsupported_value")  # refusals that adapt a running job
 MAX_ADAPTATIONS = 8  # adaptations tried for one request
+STATUS_SECONDS = 2.0  # how often a running run rewrites its usage file (done, total, spend so far)
 
 
 @dataclasses.dataclass
@@ -215,6 +216,7 @@ class Usage:
         self.stop_message = None
         self.limits = {"requests": None, "tokens": None}
         self.extra = None  # a transport's own account (the Batch API's): describe() and as_dict()
+        self.progress = None  # (records done, records in all) at the end, where the stage says
 
     def describe(self):
         """The client's part of a summary line, e.g. ``requests: 12, retries: 1 (429 rate limit: 0), cache
@@ -238,6 +240,8 @@ class Usage:
                 "cost_usd": self.spend.cost if self.spend.priced else None, "stopped": self.stopped}
         if self.extra is not None:
             data.update(self.extra.as_dict())
+        if self.progress is not None:
+            data["done"], data["total"] = self.progress
         return data
 
     def write(self, path, **extra):
@@ -352,6 +356,8 @@ class Options:
     refusal_hint: str = ""  # what to check when every request is refused
     grace: float = STOP_GRACE
     check_first: bool = True  # the transport's check (the model) before anything is written or sent
+    usage_path: str | None = None  # also written every STATUS_SECONDS while the run goes on (a pipeline shows it)
+    progress: Callable | None = None  # () -> (records done, records in all), for that file
 
 
 class Run:
@@ -532,15 +538,27 @@ class Run:
         usage = self.usage
         usage.stopped = self.stopper.reason
         usage.stop_message = self.stopper.message
+        if self.options.progress is not None:
+            usage.progress = self.options.progress()
         if self.pacer is not None:
             usage.limits = self.pacer.limits()
         return usage
+
+
+async def write_status(run):
+    """Keep the usage file of a running run current: what is done of what, and the spend so far."""
+    options = run.options
+    while True:
+        done, total = options.progress() if options.progress else (None, None)
+        await asyncio.to_thread(run.usage.write, options.usage_path, running=True, done=done, total=total)
+        await asyncio.sleep(STATUS_SECONDS)
 
 
 async def run_requests(requests, transport, options, stage, stopper):
     """Send every request of the iterable ``requests`` (see the module docstring); the
     :class:`Usage`. The transport's ``run`` (the Batch API) replaces the pool when it has one."""
     run = Run(stage, transport, options, stopper)
+    status = asyncio.ensure_future(write_status(run)) if options.usage_path and run.dry is None else None
     try:
         if run.dry is None and options.check_first:  # the model check before anything is written or sent
             await run.prepare()
@@ -551,6 +569,8 @@ async def run_requests(requests, transport, options, stage, stopper):
         if run.held and not run.succeeded and not stopper.is_set():
             raise FatalError(f"every request was refused ({run.held[0][1]}); {options.refusal_hint}")
     finally:
+        if status is not None:
+            status.cancel()
         if run.cache is not None and run.pacer is not None and run.pacer.headers_seen:
             limits = run.pacer.limits()
             await asyncio.to_thread(run.cache.remember_limits, transport.limits_key, limits["requests"],
@@ -611,6 +631,7 @@ def options_from_args(args, *, cache, price=None, search_price=None, limits_key=
     if args.dry_run and cache is not None and limits_key is not None:
         known = cache.known_limits(limits_key)
         rpm, tpm = rpm or known.get("requests"), tpm or known.get("tokens")
+    fields.setdefault("usage_path", getattr(args, "usage_path", None))
     return Options(concurrency=args.concurrency, max_retries=args.max_retries, cache=cache, price=price,
                    search_price=search_price, max_cost=args.max_cost, rpm=rpm, tpm=tpm, dry_run=args.dry_run,
                    **fields)

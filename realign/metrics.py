@@ -11,6 +11,9 @@ bytes a record), so the figures of a million records, medians included, fit in ~
 Scripts keep one per task and merge them into groups and the total.
 """
 
+import hashlib
+import heapq
+import json
 from array import array
 from collections import Counter
 
@@ -146,3 +149,51 @@ class MeasureStats:
             "checks": dict(self.checks.most_common()),
             "failing_checks": self.failing_checks,
         }
+
+
+# -- seeded samples of records ---------------------------------------------------------------
+
+
+def sample_key(seed, record_id):
+    """A pseudo-random 64-bit key of ``(seed, id)`` (blake2b of the JSON of ``[seed, id]``),
+    the same on every machine and run."""
+    if type(record_id) is int and type(seed) is int:
+        text = f"[{seed}, {record_id}]"  # what json.dumps writes, without its cost
+    else:
+        text = json.dumps([seed, record_id])
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class Sampler:
+    """A seeded random sample of ``k`` records, drawn while streaming (``k`` None keeps all).
+
+    Keeps the ``k`` records whose :func:`sample_key` is smallest (a heap of ``k``), so the
+    sample depends on the ids and the seed, not on the order of the files, and samples of
+    one seed nest: the sample of 50 is part of the sample of 100. The judges of evaluate.py
+    and the records of its HTML page are sampled this way.
+    """
+
+    def __init__(self, k, seed):
+        self.k, self.seed = k, seed
+        self._heap = []  # (-key, order, item): the largest key on top, to be pushed out
+        self.offered = 0
+
+    def offer(self, record_id, make_item):
+        """Consider one record; ``make_item()`` builds what is kept, only when it is kept."""
+        self.offer_key(sample_key(self.seed, record_id), make_item)
+
+    def offer_key(self, key, make_item):
+        """:meth:`offer` of a record whose key is known already."""
+        self.offered += 1
+        if self.k is None or len(self._heap) < self.k:
+            heapq.heappush(self._heap, (-key, self.offered, make_item()))
+        elif self.k and key < -self._heap[0][0]:
+            heapq.heapreplace(self._heap, (-key, self.offered, make_item()))
+
+    def keyed_items(self):
+        """``(key, item)`` of the sample, smallest key first."""
+        return [(-negative, item) for negative, _, item in sorted(self._heap, key=lambda e: (-e[0], e[1]))]
+
+    def items(self):
+        """The sampled items, smallest key first."""
+        return [item for _, item in self.keyed_items()]

@@ -51,7 +51,7 @@ def describe_record(path, index, record_id=None):
 def read_json_or_jsonl(path):
     """Return the list stored in ``path``: a JSON list, or one JSON value per line."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
@@ -340,7 +340,7 @@ def _iter_items(path, chunk_size=1 << 20, start=0, end=None, parse_lines=True):
     values: a JSONL file's blank lines are not values. Reading stops at ``end``.
     """
     try:
-        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+        f = open(path, encoding="utf-8-sig")  # noqa: SIM115 - closed by the with below
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except OSError as e:

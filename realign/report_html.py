@@ -30,13 +30,12 @@ key. Texts are cut at ``max_chars`` characters, and the page says so.
 """
 
 import difflib
-import hashlib
-import heapq
 import html
 import json
 import re
 
 import constant
+from realign.metrics import Sampler, sample_key
 from realign.quality import CHECKS, TEXT_CHECKS
 
 __all__ = ["MAX_PAGE_CHARS", "MAX_TEXT_CHARS", "RecordSample", "figure_svg", "is_flagged", "render_page", "sample_key"]
@@ -56,16 +55,6 @@ SVG_START_RE = re.compile(r"<svg[\s>]")
 
 
 # -- choosing the records ------------------------------------------------------------------
-
-def sample_key(seed, record_id):
-    """A pseudo-random 64-bit key of ``(seed, id)``: evaluate.py's key (blake2b of the JSON
-    of ``[seed, id]``), the same on every machine and run."""
-    if type(record_id) is int and type(seed) is int:
-        text = f"[{seed}, {record_id}]"  # what json.dumps writes, without its cost
-    else:
-        text = json.dumps([seed, record_id])
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
 
 def is_flagged(record):
     """Whether a record needs a look: a quality check failed, or the filter rejected the
@@ -112,19 +101,8 @@ class RecordSample:
         self.per_task, self.seed, self.max_flagged, self.max_chars = per_task, seed, max_flagged, max_chars
         self.offered = 0
         self.flagged_offered = 0
-        self._by_task = {}  # task -> heap of (-key, order, record): the largest key on top
-        self._flagged = []
-
-    def _keep(self, heap, bound, key, record, kept):
-        """Push ``record`` onto ``heap`` if its key is among the ``bound`` smallest; returns
-        the cut copy (made at most once per record) or None."""
-        if len(heap) < bound:
-            kept = kept or cut_record(record, self.max_chars)
-            heapq.heappush(heap, (-key, self.offered, kept))
-        elif bound and key < -heap[0][0]:
-            kept = kept or cut_record(record, self.max_chars)
-            heapq.heapreplace(heap, (-key, self.offered, kept))
-        return kept
+        self._by_task = {}  # task -> Sampler of per_task records
+        self._flagged = Sampler(max_flagged, seed)
 
     def offer(self, record):
         """Consider one record: a dict with "id", "task", "question", "original", "rewrite"
@@ -133,20 +111,27 @@ class RecordSample:
         "length_after", "substantially_rewritten" and "checks" (what the rewrite fails)."""
         self.offered += 1
         key = sample_key(self.seed, record["id"])
-        heap = self._by_task.get(record["task"])
-        if heap is None:
-            heap = self._by_task[record["task"]] = []
-        kept = self._keep(heap, self.per_task, key, record, None)
-        if record.get("checks") or record.get("reject_reason") not in (None, UNCHANGED):
+        cut = []
+
+        def kept():  # the cut copy, made at most once per record
+            if not cut:
+                cut.append(cut_record(record, self.max_chars))
+            return cut[0]
+
+        sampler = self._by_task.get(record["task"])
+        if sampler is None:
+            sampler = self._by_task[record["task"]] = Sampler(self.per_task, self.seed)
+        sampler.offer_key(key, kept)
+        if is_flagged(record):
             self.flagged_offered += 1
-            self._keep(self._flagged, self.max_flagged, key, record, kept)
+            self._flagged.offer_key(key, kept)
 
     def records(self):
         """The chosen records, each once: by task, then by key."""
         chosen = {}
-        for heap in (*self._by_task.values(), self._flagged):
-            for negative_key, _, record in heap:
-                chosen.setdefault(-negative_key, record)
+        for sampler in (*self._by_task.values(), self._flagged):
+            for key, record in sampler.keyed_items():
+                chosen.setdefault(key, record)
         ordered = sorted(chosen.items(), key=lambda item: (str(item[1]["task"]), item[0]))
         return [record for _, record in ordered]
 

@@ -15,7 +15,7 @@ import pytest
 import evaluate
 from realign.client import Sampling
 from realign.engine import Options, Response, run_requests
-from realign.metrics import MeasureStats, edit_rate, is_rewritten, quantile
+from realign.metrics import MeasureStats, Sampler, edit_rate, is_rewritten, quantile
 from realign.pool import Stopper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +168,7 @@ def test_lengths_in_tokens_keep_edit_rates_in_words(tmp_path):
     assert summary["overall"]["length_before"]["mean"] == pytest.approx(8.4)
     assert summary["overall"]["rewritten"] == 2
     assert evaluate.headline(summary).startswith(
-        "rewritten 40.0% (edit rate > 0.2) of 5; mean length 8.4 -> 9.6 tokens")
+        "substantially rewritten 40.0% (edit rate > 0.2) of 5; mean length 8.4 -> 9.6 tokens")
 
 
 # -- verdicts -----------------------------------------------------------------------------
@@ -234,16 +234,23 @@ def test_messages_fill_the_judge_templates():
 
 # -- the sample ---------------------------------------------------------------------------
 
+def sample_records(records, k, seed):
+    sampler = Sampler(k, seed)
+    for record in records:
+        sampler.offer(record["id"], lambda record=record: record)
+    return sampler.items()
+
+
 def test_the_sample_is_seeded_and_reproducible():
     records = [{"id": i} for i in range(1000)] + [{"id": f"s{i}"} for i in range(50)]
-    ids = [r["id"] for r in evaluate.sample_records(records, 20, seed=1)]
+    ids = [r["id"] for r in sample_records(records, 20, seed=1)]
     assert len(ids) == 20 and len(set(ids)) == 20
-    assert [r["id"] for r in evaluate.sample_records(records, 20, seed=1)] == ids
-    assert [r["id"] for r in evaluate.sample_records(records[::-1], 20, seed=1)] == ids  # order does not matter
-    assert {r["id"] for r in evaluate.sample_records(records, 20, seed=2)} != set(ids)
-    assert [r["id"] for r in evaluate.sample_records(records, 10, seed=1)] == ids[:10]  # samples nest
-    assert len(evaluate.sample_records(records, 5000, seed=1)) == len(records)
-    assert len(evaluate.sample_records(records, None, seed=1)) == len(records)
+    assert [r["id"] for r in sample_records(records, 20, seed=1)] == ids
+    assert [r["id"] for r in sample_records(records[::-1], 20, seed=1)] == ids  # order does not matter
+    assert {r["id"] for r in sample_records(records, 20, seed=2)} != set(ids)
+    assert [r["id"] for r in sample_records(records, 10, seed=1)] == ids[:10]  # samples nest
+    assert len(sample_records(records, 5000, seed=1)) == len(records)
+    assert len(sample_records(records, None, seed=1)) == len(records)
 
 
 # -- the judges' requests, through the engine (a stub transport stands in for the server) ----
@@ -407,7 +414,7 @@ def test_main_end_to_end(tmp_path, caplog):
     caplog.set_level("INFO")
     assert evaluate.main(["--original_path", original_path, "--rewritten_path", final_path, "--output_path", str(out),
                           "--report_path", str(report), "--plot_path", str(plot)]) == 0
-    line = ("rewritten 40.0% (edit rate > 0.2) of 5; mean length 4.2 -> 4.8 words; changed 60.0%; "
+    line = ("substantially rewritten 40.0% (edit rate > 0.2) of 5; mean length 4.2 -> 4.8 words; changed 60.0%; "
             "checks: 0 rewrites rejected by a check, 1 kept rewrites fail one")
     assert caplog.records[-1].getMessage().startswith(line)
     data = read_json(out)

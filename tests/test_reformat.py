@@ -231,7 +231,7 @@ def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
     shown = caplog.text + captured.out + captured.err + (out / "rewrite_data_0_of_10_batch.jsonl").read_text()
     assert KEY not in shown
     assert "prefer the environment variable OPENAI_API_KEY" in caplog.text
-    assert "rewritten: 3, kept the original (no candidate passed the checks): 0, passed through: 3, failed: 0" \
+    assert "reformatted: 3, kept the original (no candidate passed the checks): 0, passed through: 3, failed: 0" \
         in caplog.text
 
 
@@ -297,7 +297,7 @@ def test_every_task_an_unknown_category_and_a_multi_turn_record_go_through(tmp_p
     assert "unknown categories: 'mystery_task' (1)" in caplog.text
     # The 57 examples hold 44 single-turn records of rewrite tasks (datasets/examples).
     assert len(chats(fake_openai)) == 44
-    assert "rewritten: 44, kept the original (no candidate passed the checks): 0, passed through: 14, failed: 0" \
+    assert "reformatted: 44, kept the original (no candidate passed the checks): 0, passed through: 14, failed: 0" \
         in caplog.text
 
 

@@ -3,6 +3,7 @@ OpenAI-compatible server, the fake Serper and the tiny classifier under real vLL
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_whole_pipeline_with_vllm_classifier_serper_and_three_processes(tmp_path
     out = tmp_path / "out"
 
     result = run_pipeline(input_path, out, pipeline_env(fake_openai, fake_serper),
-                          "--classifier_model", tiny_model_dir,
+                          "--classifier_backend", "vllm", "--classifier_model", tiny_model_dir,
                           "--classify_args", "--dtype float32 --enforce_eager --max_model_len 2048",
                           "--concurrency", "4", "--tokenizer_path", tiny_model_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -234,7 +235,7 @@ def test_the_demo_runs_with_no_key_and_ends_with_the_final_file_and_a_report(tmp
     check_final(final, load_examples())
     report = (out / "evaluation.md").read_text(encoding="utf-8")
     headline = read_json(out / "evaluation.json")["headline"]
-    assert headline.startswith("rewritten ") and " of 57; " in headline and f"**{headline}**" in report
+    assert headline.startswith("substantially rewritten ") and " of 57; " in headline and f"**{headline}**" in report
     assert headline in result.stderr
     with open(out / "evaluation.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -272,3 +273,87 @@ def test_the_dry_run_sends_nothing_and_reports_every_paid_stage(tmp_path, fake_o
     assert "dry run of retrieval: nothing was sent" in result.stdout
     assert result.stdout.count("dry run of reformat: nothing was sent") == 3  # one per process
     assert not (tmp_path / "out" / "final.json").exists() and not (tmp_path / "out" / "rewrite").exists()
+
+
+def unlabelled_alpaca(tmp_path, count=10):
+    rows = [{"instruction": f"What is fact number {i}?", "input": "", "output": f"Fact {i} is a number."}
+            for i in range(count)]
+    return write_json(tmp_path / "own.json", rows)
+
+
+def test_unlabelled_data_on_a_machine_without_a_gpu_stops_before_anything_with_the_alternatives(tmp_path,
+                                                                                                 fake_openai):
+    env = {**pipeline_env(fake_openai), "CUDA_VISIBLE_DEVICES": ""}  # no GPU, whatever the machine has
+    out = tmp_path / "out"
+    result = run_pipeline(unlabelled_alpaca(tmp_path), out, env)
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error.startswith("run_pipeline.py: error: 10 records have no task label and no GPU is visible")
+    assert "--classifier_backend openai_chat" in error and "--classifier_backend openai --classifier_base_url" in error
+    assert fake_openai.requests == [] and not out.exists()
+
+
+def test_the_dry_run_of_unlabelled_data_counts_classification_an_upper_bound_and_a_total(tmp_path, fake_openai,
+                                                                                         fake_serper):
+    env = pipeline_env(fake_openai, fake_serper)
+    result = run_pipeline(unlabelled_alpaca(tmp_path), tmp_path / "out", env, "--classifier_backend", "openai_chat",
+                          "--dry_run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fake_openai.requests == [] and fake_serper.requests == []
+    out = result.stdout
+    assert "dry run of classify: nothing was sent (10 queries to classify with gpt-6-luna)" in out
+    assert "stages 2 and 3 below are an upper bound: 10 records have no task yet" in out
+    assert "searches to send: 10" in out  # every record counted as a searched task
+    sent = [int(n) for n in re.findall(r"requests to send: (\d+) ", out)]
+    assert sent[0] == 10 and sum(sent[1:]) == 10  # classify; reformat's 3 processes: every record, as open_qa
+    (total,) = [line for line in out.splitlines() if line.startswith("dry run total:")]
+    assert total.startswith("dry run total: 20 requests, ") and ", 10 searches, expected cost $" in total
+    assert total.endswith("(stages 2 and 3: an upper bound)")
+
+
+@pytest.mark.parametrize("problem, flags, message", [
+    ("response", (), "input.json: record 2 (id 'b'): field 'items[1].value' must be a string"),
+    ("threshold", ("--length_threshold", "-0.5"), "argument --length_threshold: must be 0 or more, got -0.5"),
+])
+def test_a_bad_record_or_flag_stops_before_any_request(tmp_path, fake_openai, problem, flags, message):
+    records = [{"id": i, "items": [{"from": "human", "value": "Q?", "category": "open_qa"},
+                                   {"from": "gpt", "value": "A."}]} for i in ("a", "c")]
+    if problem == "response":
+        records.insert(2, {"id": "b", "items": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": 7}]})
+    result = run_pipeline(write_json(tmp_path / "input.json", records), tmp_path / "out", pipeline_env(fake_openai),
+                          *flags)
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert message in error
+    assert fake_openai.requests == [] and not (tmp_path / "out").exists()
+
+
+def test_an_empty_response_is_reported_and_left_as_it_is(tmp_path, fake_openai):
+    records = [{"id": i, "items": [{"from": "human", "value": f"Q{i}?", "category": "open_qa"},
+                                   {"from": "gpt", "value": "" if i == 1 else f"Answer {i}."}]} for i in range(3)]
+    result = run_pipeline(write_json(tmp_path / "input.json", records), tmp_path / "out", pipeline_env(fake_openai))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 record(s) have an empty response (ids 1): they are left as they are" in result.stderr
+    final = {r["id"]: r for r in read_json(tmp_path / "out" / "final.json")}
+    assert final[1]["items"][1]["value"] == "" and final[1]["tag"] == "original"
+    assert len(user_messages(fake_openai)) == 2  # nothing was asked for the empty one
+
+
+def test_a_slow_reformat_shows_its_progress_on_a_log_file_console(tmp_path, fake_openai, monkeypatch, capsys):
+    import run_pipeline
+
+    monkeypatch.setattr(run_pipeline, "LOG_REFRESH_SECONDS", 1.0)  # a line every second instead of 30
+    for name, value in pipeline_env(fake_openai).items():
+        monkeypatch.setenv(name, value)
+    fake_openai.latency = 0.3
+    records = [{"id": i, "items": [{"from": "human", "value": f"Question {i}?", "category": "open_qa"},
+                                   {"from": "gpt", "value": f"Answer {i}."}]} for i in range(16)]
+    status = run_pipeline.main(["--input_data_path", write_json(tmp_path / "input.json", records),
+                                "--output_directory", str(tmp_path / "out"), "--concurrency", "1",
+                                "--no-evaluate"])
+    assert status == 0
+    err = capsys.readouterr().err
+    running = [line for line in err.splitlines() if "run_pipeline: reformat: " in line and "records/s" in line]
+    assert running, err[-2000:]
+    assert " of 16 records (" in running[0] and "ETA " in running[0] and "spend $" in running[0]
+    assert "run_pipeline: reformat: 16 of 16 records (100%) in " in err

@@ -2,11 +2,14 @@
 flags, and loads none of the heavy libraries (they are imported inside the functions
 that need them, STYLE.md)."""
 
+import importlib
 import os
 import subprocess
 import sys
 
 import pytest
+
+from realign import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,9 +18,9 @@ HEAVY = {"openai", "transformers", "torch", "vllm", "matplotlib", "pyarrow"}
 # script, flags its --help must show, libraries it must not load besides HEAVY
 SCRIPTS = [
     ("classify.py", ["--backend", "--tensor_parallel_size", "--constrained", "--output_path"], set()),
-    # requests (and its HTTP stack) loads only once there is something to search.
+    # the HTTP stack loads only once there is something to search.
     ("retrieval.py", ["--input_data_path", "--output_path", "--batch_size", "--gl", "--hl", "--search_url"],
-     {"requests"}),
+     {"httpx2", "httpx", "requests"}),
     ("reformat.py", ["--dataset_batch_id", "--dataset_batch_num", "--is_retrieval", "--batch_api", "--max_cost"],
      set()),
     ("parallel_data_merge.py", ["--allow_partial", "--final_output_path", "--output_directory"], set()),
@@ -62,3 +65,30 @@ def test_help_exits_0_shows_the_flags_and_loads_no_heavy_library(script, flags, 
 def test_every_top_level_script_is_probed():
     scripts = {name for name in os.listdir(ROOT) if name.endswith(".py") and name != "constant.py"}
     assert scripts == {script for script, _, _ in SCRIPTS}
+
+
+class Built(Exception):
+    """Carries the parser a script built out of its parse_args."""
+
+
+@pytest.mark.parametrize("script", [s[0] for s in SCRIPTS])
+def test_every_flag_says_its_default_in_help(script, monkeypatch):
+    def capture(parser, argv=None, namespace=None):
+        raise Built(parser)
+
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Built) as built:
+        importlib.import_module(script[:-3]).parse_args([])
+    parser = built.value.args[0]
+    silent = [action.option_strings[0] for action in parser._actions
+              if action.option_strings and action.help not in (None, "==SUPPRESS==")
+              and action.option_strings[0] != "-h" and "default" not in action.help and not action.required]
+    assert silent == []
+
+
+def test_a_mistyped_flag_gets_one_line_with_the_closest_flag():
+    result = subprocess.run([sys.executable, "reformat.py", "--input_data_path", "x", "--output_directory", "y",
+                             "--top-k", "3"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr == ("reformat.py: error: unrecognized arguments: --top-k 3; did you mean --top_k? "
+                             "(see reformat.py --help)\n")
