@@ -133,7 +133,7 @@ OUTCOME_REWRITE_FIRST = {"A": "win", "B": "loss", "C": "tie"}
 OUTCOMES = ("win", "tie", "loss")
 
 Original = namedtuple("Original", "id index task question response evidence")
-Rewritten = namedtuple("Rewritten", "id index task response tag reject_reason merged", defaults=(None,))
+Rewritten = namedtuple("Rewritten", "id index task response tag reject_reason merged reformat", defaults=(None, None))
 JudgeItem = namedtuple("JudgeItem", "id line question original rewrite reference")
 
 
@@ -257,10 +257,10 @@ def summarize(task_stats):
 def with_merged(rewrites, merged_path, unpaired):
     """The rewrites of the final file, each with the model's rewrite from the merged file
     (``merged``): what the filter chose from, also where it kept the original."""
-    merged = (Rewritten(r["id"], index, None, r["items"][1]["value"], None, None)
+    merged = (Rewritten(r["id"], index, None, r["items"][1]["value"], None, None, None, r.get("reformat"))
               for index, r in enumerate(iter_records(merged_path, require_response=True)))
     for final, model in pair_by_id(rewrites, merged, unpaired):
-        yield final._replace(merged=model.response)
+        yield final._replace(merged=model.response, reformat=model.reformat)
 
 
 def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpaired=False,
@@ -328,12 +328,14 @@ def read_candidate_checks(directory):
 
 def checks_headline(summary):
     """The headline's part on the quality checks (realign/quality.py), e.g. ``checks: 22 of 98
-    candidates failed, 11 rewrites rejected by a check, 0 kept rewrites fail one``."""
+    candidates failed (3 records kept their original), 11 rewrites rejected by a check, 0 kept
+    rewrites fail one``."""
     overall = summary["overall"]
     parts = []
     candidates = summary.get("candidate_checks")
     if candidates:
-        parts.append(f"{candidates['failing']:,} of {candidates['candidates']:,} candidates failed")
+        parts.append(f"{candidates['failing']:,} of {candidates['candidates']:,} candidates failed "
+                     f"({candidates['kept_original']:,} records kept their original)")
     rejected = sum(n for reason, n in overall["reject_reasons"].items() if reason in TEXT_CHECKS)
     if overall["reject_reasons"] or overall["tags"].get("original"):
         parts.append(f"{rejected:,} rewrites rejected by a check")
@@ -1017,7 +1019,38 @@ def page_record(entry, original, rewritten):
                                            entry["task"]))
         if record["length_before"] != len(before):  # lengths in tokens: the page's pair in words
             record["length_before"] = len(before)
+    note = rewritten.reformat
+    if isinstance(note, dict):  # reformat kept the original: what its candidates failed
+        record["checks"] = sorted((note.get("candidate_checks") or {}).get("problems") or {})
+        record["reformat_reason"] = note.get("reason")
     return record
+
+
+def show_unused_replies(records, directory):
+    """For the page's records whose original reformat kept (no candidate passed the checks),
+    the first reply it did not use, from the unused-replies files beside the batch files:
+    the page then shows what the model wrote and which checks it failed."""
+    from reformat import parse_revised_response
+    from realign import find_batch_files, iter_progress
+    from realign.records import BATCH_FILE_RE, unused_replies_path
+
+    wanted = {json.dumps(r["id"]): r for r in records if r.get("reformat_reason")}
+    if not wanted:
+        return
+    _, batches = find_batch_files(directory)
+    for path in batches.values():
+        batch_id, batch_num = BATCH_FILE_RE.fullmatch(os.path.basename(path)).groups()
+        for entry in iter_progress(unused_replies_path(directory, batch_id, batch_num)):
+            record = wanted.pop(json.dumps(entry.get("id")), None) if isinstance(entry, dict) else None
+            if record is None or not isinstance(entry.get("reply"), str):
+                continue
+            parsed = parse_revised_response(entry["reply"])
+            shown = parsed["revised_response"] if parsed else entry["reply"]
+            before, after = split_words(record["original"]), split_words(shown)
+            rate = edit_rate_of_words(before, after)
+            record.update(rewrite=shown, checks=list(entry.get("problems") or []), edit_rate=round(rate, 4),
+                          length_after=len(after), substantially_rewritten=is_rewritten(rate))
+            record["reformat_reason"] += " (shown: the first reply it did not use)"
 
 
 def judged_items(args, references, chosen):
@@ -1112,7 +1145,12 @@ def main(argv=None) -> int:
         # One chart implementation: the PNG and the page's charts are the same figure.
         figure = render_charts(document, overall_stats) if args.plot_path or args.html_path else None
         image = png_bytes(figure) if args.plot_path else None
-        html_page = render_page(document, page.records(), page.note(), figure_svg(figure)) if page else None
+        html_page = None
+        if page is not None:
+            records_shown = page.records()
+            if args.rewrite_directory:
+                show_unused_replies(records_shown, args.rewrite_directory)
+            html_page = render_page(document, records_shown, page.note(), figure_svg(figure))
         if args.output_path:
             spool.flush()
             write_output(args.output_path, document, spool, verdicts)

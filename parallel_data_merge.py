@@ -53,6 +53,21 @@ def batch_ids_of_positions(positions, n_records, batch_num):
     return sorted({bisect.bisect_right(starts, p) - 1 for p in positions})
 
 
+def reformat_note(entry):
+    """What the merged record keeps of a line whose record kept its original because its
+    request failed or no candidate passed the checks: ``{"status", "reason",
+    "candidate_checks"}`` (the filter names it, the report shows it); None otherwise."""
+    if entry.get("status") not in ("failed", "rejected"):
+        return None
+    items = entry.get("items")
+    chosen = items[1].get("revised_response") if isinstance(items, list) and len(items) > 1 and \
+        isinstance(items[1], dict) else None
+    note = {"status": entry["status"], "reason": chosen.get("reason") if isinstance(chosen, dict) else None}
+    if isinstance(entry.get("candidate_checks"), dict):
+        note["candidate_checks"] = entry["candidate_checks"]
+    return note
+
+
 def chosen_rewrite(entry, where):
     """``(id, text)`` of one batch line; ``text`` is None when the record keeps its original
     response (``status: failed``, or passed through: an empty ``revised_response_list``)."""
@@ -78,14 +93,15 @@ def chosen_rewrite(entry, where):
 
 
 def read_rewrites(batch_paths, stats):
-    """``{id: text or None}`` from the batch files, streamed; a repeated id keeps its last line."""
+    """``{id: (text or None, note or None)}`` from the batch files, streamed (see
+    :func:`reformat_note`); a repeated id keeps its last line."""
     rewrites, failed, repeated = {}, set(), []
     for path in batch_paths:
         for number, entry in enumerate(iter_progress(path), 1):
             record_id, text = chosen_rewrite(entry, f"{path}: line entry {number}")
             if record_id in rewrites:
                 repeated.append(record_id)
-            rewrites[record_id] = text
+            rewrites[record_id] = (text, reformat_note(entry))
             if entry.get("status") == "failed":
                 failed.add(record_id)
             else:
@@ -111,11 +127,13 @@ def merge_records(records, rewrites, stats, missing):
             missing.append((position, record_id))
             yield record
             continue
-        text = rewrites.pop(record_id)
+        text, note = rewrites.pop(record_id)
         turn = record["items"][1]
         if text is not None and text != turn["value"]:
             turn["value"] = text
             stats["rewritten"] += 1
+        if note is not None:  # the record kept its original: why (the filter names it)
+            record["reformat"] = note
         yield record
 
 
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
         logger.warning("%d id(s) in the batch files are not in %s; ignored (ids %s)",
                        len(rewrites), args.input_data_path, shown)
     logger.info(
-        "#in: %d, #out: %d, #rewritten: %d, #kept original: %d (failed: %d, missing: %d) -> %s",
+        "#in: %d, #out: %d, #with a rewrite: %d, #with the original: %d (request failed: %d, missing: %d) -> %s",
         stats["in"], stats["in"], stats["rewritten"], stats["in"] - stats["rewritten"],
         stats["failed"], len(missing), args.final_output_path,
     )

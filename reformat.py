@@ -727,13 +727,20 @@ def make_sampling(args):
 
 def scan_chunk(args, chunk):
     """The first pass over the chunk, before anything is written or sent: validate every
-    record and note each one's fingerprint (``{id: (fingerprint, pass-through reason)}``)."""
+    record and note each one's fingerprint and the expected cost of its request
+    (``{id: (fingerprint, pass-through reason, USD)}``; the cost of a record with a standing
+    line is not estimated)."""
     plans = {}
+    price = price_of_run(args, args.model, batch=args.batch_api)
     records = iter_records_range(args.input_data_path, chunk.start, chunk.end, require_response=True)
     for index, record in enumerate(records, chunk.start):
         check_evidence(record, index, args.input_data_path)
-        reason, _, fp = chunk.plan(record)
-        plans[record["id"]] = (fp, reason)
+        reason, messages, fp = chunk.plan(record)
+        line = chunk.batch_lines.get(record["id"])
+        cost = 0.0
+        if reason is None and price is not None and line is not None and line[0] != fp:
+            cost = price.cost(OpenAITransport.estimate_prompt(chunk.body(messages)), chunk.expected_output(record))
+        plans[record["id"]] = (fp, reason, cost)
     return plans
 
 
@@ -741,7 +748,7 @@ def tally(plans, batch_lines, retry_failed):
     """What is done, stale (made with other settings), to pass through and to rewrite, and
     the ids whose batch lines stand."""
     counts, unknown, keep = collections.Counter(), collections.Counter(), set()
-    for record_id, (fp, reason) in plans.items():
+    for record_id, (fp, reason, cost) in plans.items():
         line = batch_lines.get(record_id)
         if is_done(line, fp, retry_failed):
             counts["done"] += 1
@@ -750,6 +757,7 @@ def tally(plans, batch_lines, retry_failed):
             continue
         if line is not None:
             counts["stale" if line[0] != fp else "retry_failed"] += 1
+            counts["stale cost"] += cost
         if reason is None:
             counts["rewrite"] += 1
         else:
@@ -840,9 +848,9 @@ def run_chunk(args, chunk, plans, path, total, how, api_key, cache):
     redo = counts["stale"] + counts["retry_failed"]
     if redo:
         if counts["stale"]:
-            logger.warning("%s: %d lines were made with other settings (model, prompt, format, evidence, "
-                           "sampling or length counting): doing them again (the cache answers what did not "
-                           "change)", path, counts["stale"])
+            logger.warning("%s: %d finished lines were made with other settings (model, prompt, format, evidence, "
+                           "sampling or length counting): doing them again costs about $%.4f (the cache answers "
+                           "what did not change)", path, counts["stale"], counts["stale cost"])
         rewrite_batch_file(path, keep)
     logger.info("%d records; chunk %d of %d (%s): records %d..%d (%d), %d already in %s, %d to pass through, "
                 "%d to rewrite with %s%s (%s mode, n=%d, %d at once)", total, args.dataset_batch_id,

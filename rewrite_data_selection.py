@@ -13,8 +13,10 @@ record: the original with the rewritten ``items[1].value``) or ``"original"`` (t
 original record, when a rule rejects the rewrite). With --keep_reasons a rejected
 record also carries ``reject_reason``, the name of the rule that rejected it.
 
-A record whose merged response equals its original (passed through, failed, or copied by
-the model) is tagged original (reason ``unchanged``). The other rules come in presets
+A record whose merged response equals its original is tagged original: reason
+``no_candidate_passed`` when reformat kept the original because every candidate failed the
+quality checks, ``request_failed`` when its request failed, else ``unchanged`` (passed
+through, or copied by the model). The other rules come in presets
 (--rules), applied in order; the first rule that decides wins:
 
     open_platypus  single_letter, true_false, exam_result, code, length (the original's set
@@ -218,8 +220,10 @@ def paired_batches(records, rewrites, rewrite_path, stats, batch_size):
         )
 
 
-def tag_records(batch, verdicts, stats, keep_reasons):
+def tag_records(batch, verdicts, stats, keep_reasons, kept_by_reformat):
     for (record, rewrite), (keep, rule) in zip(batch, verdicts):
+        if rule == "unchanged":
+            rule = kept_by_reformat.get(record["id"], rule)
         if keep:
             record["items"][1]["value"] = rewrite
             record["tag"] = "rewrite"
@@ -234,8 +238,9 @@ def tag_records(batch, verdicts, stats, keep_reasons):
 
 
 def select_records(records, rewrites, rules, threshold, count_lengths, stats, keep_reasons,
-                   rewrite_path, batch_size=RECORDS_PER_BATCH, quality=True):
-    """Yield every original record tagged ``rewrite`` (with the merged response) or ``original``.
+                   rewrite_path, batch_size=RECORDS_PER_BATCH, quality=True, kept_by_reformat=None):
+    """Yield every original record tagged ``rewrite`` (with the merged response) or ``original``
+    (``kept_by_reformat``: see :func:`read_rewrites`).
 
     Lengths of one batch are counted in a worker thread (tokenizers release the GIL) while
     the next batch is read and judged and the previous one written.
@@ -243,7 +248,7 @@ def select_records(records, rewrites, rules, threshold, count_lengths, stats, ke
     def finish(batch, verdicts, pending, lengths):
         if lengths is not None:
             apply_lengths(verdicts, pending, lengths.result(), threshold)
-        return tag_records(batch, verdicts, stats, keep_reasons)
+        return tag_records(batch, verdicts, stats, keep_reasons, kept_by_reformat or {})
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         previous = None
@@ -257,14 +262,27 @@ def select_records(records, rewrites, rules, threshold, count_lengths, stats, ke
             yield from finish(*previous)
 
 
+# Why a merged record kept its original, from reformat (parallel_data_merge.py's "reformat" note).
+KEPT_BY_REFORMAT = {"rejected": "no_candidate_passed", "failed": "request_failed"}
+
+
 def read_rewrites(path):
-    """``{id: items[1].value}`` of the merged file, streamed."""
-    return {record["id"]: record["items"][1]["value"] for record in iter_records(path, require_response=True)}
+    """``({id: items[1].value}, {id: why reformat kept the original})`` of the merged file,
+    streamed: a record whose candidates all failed the checks, or whose request failed, has
+    its original there, and the filter names that instead of "unchanged"."""
+    rewrites, kept = {}, {}
+    for record in iter_records(path, require_response=True):
+        rewrites[record["id"]] = record["items"][1]["value"]
+        note = record.get("reformat")
+        if isinstance(note, dict) and note.get("status") in KEPT_BY_REFORMAT:
+            kept[record["id"]] = KEPT_BY_REFORMAT[note["status"]]
+    return rewrites, kept
 
 
 def summary(stats, rules, unit, quality=True):
     checks = TEXT_CHECKS if quality else ()
-    reasons = ", ".join(f"{rule}: {stats[rule]}" for rule in ("unchanged", *checks, *rules) if rule != "true_false")
+    named = ("unchanged", *KEPT_BY_REFORMAT.values(), *checks, *rules)
+    reasons = ", ".join(f"{rule}: {stats[rule]}" for rule in named if rule != "true_false")
     counted = f"; lengths in {unit}" if "length" in rules else ""
     return (f"#in: {stats['in']}, #rewrite kept: {stats['rewrite']}, #original kept: {stats['original']} "
             f"(rejected by {reasons}{counted})")
@@ -315,12 +333,12 @@ def main(argv=None) -> int:
         unit = count_lengths.unit
     elif args.tokenizer_path:
         logger.info("the %s preset has no length rule: --tokenizer_path is not used", args.rules)
-    rewrites = read_rewrites(args.input_rewrite_data_path)
+    rewrites, kept_by_reformat = read_rewrites(args.input_rewrite_data_path)
     stats = Counter()
     records = iter_records(args.input_original_data_path, require_response=True)
     write_json_list_atomic(args.output_path, select_records(
         records, rewrites, rules, args.length_threshold, count_lengths, stats, args.keep_reasons,
-        args.input_rewrite_data_path, quality=args.quality_checks,
+        args.input_rewrite_data_path, quality=args.quality_checks, kept_by_reformat=kept_by_reformat,
     ))
     logger.info("%s -> %s", summary(stats, rules, unit, args.quality_checks), args.output_path)
     return 0

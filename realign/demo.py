@@ -7,9 +7,11 @@ Usage:
 It prints the environment to set (``OPENAI_BASE_URL``, ``SERPER_BASE_URL`` and keys
 that the stand-ins accept), after which the stages run as written. Not a model: a reformat
 request gets the original response back under an ``**Answer**`` heading (a JSON object
-when the request sends the JSON schema of ``--reply_format json``), a classification the
-task ``open_qa`` for a question and ``default`` otherwise, a judge a middling verdict, a
-search three made-up results. ``run_pipeline.py --demo`` starts them itself. Standard
+when the request sends the JSON schema of ``--reply_format json``), except that for about
+one question in six the rewrite loses the response's last sentence, as a careless model's
+would, so that the quality checks have something to catch; a classification gets the task
+``open_qa`` for a question and ``default`` otherwise, a judge a middling verdict, a search
+three made-up results. ``run_pipeline.py --demo`` starts them itself. Standard
 library only; the tests use the fuller fakes of ``tests/fake_servers.py``.
 """
 
@@ -18,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from realign.cli import ArgumentParser
@@ -27,12 +30,23 @@ MODELS = ("gpt-6-luna", "gpt-6-sol", "GAIR/ReAlign-Task-Classifier")
 HEADING = "**Answer**"
 ORIGINAL_RE = re.compile(r"^\[Original response start\]\n(.*?)\n\[Original response end\]$", re.DOTALL | re.MULTILINE)
 QUERY_RE = re.compile(r"\[User's query start\]\n(.*?)\n\[User's query end\]", re.DOTALL)
+SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def careless(text):
+    """Whether the stand-in loses the last sentence of this request's response (one in six,
+    the same each time)."""
+    return zlib.crc32(text.encode("utf-8")) % 6 == 0
 
 
 def reformat_reply(text, as_json):
     """The original response under a heading, in the layout asked for."""
     match = ORIGINAL_RE.search(text)
-    revised = f"{HEADING}\n\n{(match.group(1) if match else text).strip()}"
+    original = (match.group(1) if match else text).strip()
+    sentences = SENTENCE_END_RE.split(original)
+    if careless(text) and len(sentences) > 1:
+        original = " ".join(sentences[:-1])
+    revised = f"{HEADING}\n\n{original}"
     if as_json:
         return json.dumps({"reasoning": "The format fits the question.", "revised_response": revised})
     return f"Reasoning: The format fits the question.\nRevised response: {revised}"

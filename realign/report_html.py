@@ -335,6 +335,7 @@ def page_record(record, max_chars):
         "edit_rate": record.get("edit_rate"), "before": record.get("length_before"),
         "after": record.get("length_after"), "rewritten": bool(record.get("substantially_rewritten")),
         "checks": list(record.get("checks") or ()), "cut": record.get("cut") or {},
+        "note": record.get("reformat_reason"),
     }
     if ops:
         entry["rewrite_ops"] = ops
@@ -735,7 +736,10 @@ SCRIPT = r"""
     let result = isSame(r) ? {deleted: new Uint8Array(original.list.length), inserted: new Uint8Array(rewrite.list.length)}
       : diff(original.list, rewrite.list);
     const notes = [];
-    if (isSame(r)) {
+    if (r.note) {
+      notes.push("reformat.py " + r.note + ". The replies it did not use are in the rewrite folder's " +
+                 "*_unused_replies.jsonl files.");
+    } else if (isSame(r)) {
       notes.push(choiceOf(r) === "original" && r.reason !== "unchanged" && r.reason != null
         ? "The rewrite the filter rejected is not in this page's data: it was given the final text, which is the original."
         : "The rewrite is the original, word for word.");

@@ -20,6 +20,7 @@ from realign import (
     chunk_bounds,
     count_records,
     exits_cleanly,
+    iter_records,
     iter_records_range,
     load_records,
     parse_retry_after,
@@ -494,3 +495,13 @@ def test_a_second_signal_after_the_pool_ended_does_not_call_into_its_closed_loop
         os.kill(os.getpid(), signal.SIGTERM)
     assert handled == [0, 1, 2]
     assert stopper.reason == "signal" and stopper.signals == 2
+
+
+def test_a_utf8_byte_order_mark_is_read_not_refused(tmp_path):
+    record = {"id": 1, "items": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    as_list, as_lines = tmp_path / "list.json", tmp_path / "lines.jsonl"
+    as_list.write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
+    as_lines.write_bytes(b"\xef\xbb\xbf" + (json.dumps(record) + "\n" + json.dumps({**record, "id": 2})).encode())
+    assert [r["id"] for r in iter_records(str(as_list))] == [1] and count_records(str(as_list)) == 1
+    assert [r["id"] for r in iter_records(str(as_lines))] == [1, 2] and count_records(str(as_lines)) == 2
+    assert [r["id"] for r in load_records(str(as_lines))] == [1, 2]

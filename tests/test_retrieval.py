@@ -585,3 +585,10 @@ def test_a_second_signal_cancels_the_searches_in_flight_and_a_rerun_repeats_at_m
         server.requests.clear()
         assert run(input_path, str(output), server, "--no-cache") == 0
         assert len(server.requests) == 20 - len(saved)  # the 4 cancelled in flight, and the 12 never sent
+
+
+def test_the_search_endpoint_comes_from_serper_base_url(fake_serper, tmp_path, monkeypatch):
+    monkeypatch.setenv("SERPER_BASE_URL", fake_serper.search_url)
+    input_path = write_input(tmp_path, [record(1, "Who wrote Dune?", "open_qa")])
+    assert retrieval.main(["--input_data_path", input_path, "--output_path", str(tmp_path / "out.json")]) == 0
+    assert queries_sent(fake_serper) == ["Who wrote Dune?"]

@@ -221,7 +221,7 @@ def test_main_tags_every_record_in_original_order_paired_by_id(tmp_path, caplog)
         (11, "original", "unchanged"), (25, "rewrite", None)]
     assert final[0]["items"][1]["value"] == REWRITES[3]
     assert final[1]["items"] == ORIGINALS[1]["items"]
-    assert ("#in: 5, #rewrite kept: 2, #original kept: 3 (rejected by unchanged: 1, loop: 0, leftover: 0, flipped_verdict: 0, "
+    assert ("#in: 5, #rewrite kept: 2, #original kept: 3 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, loop: 0, leftover: 0, flipped_verdict: 0, "
             "lost_answer: 0, lost_number: 0, lost_code: 1, lost_name: 1, ungrounded: 0, single_letter: 0, "
             "exam_result: 0, code: 0, length: 0; lengths in words)") in caplog.text
     assert caplog.text.count("lengths are counted in words") == 1
@@ -258,18 +258,18 @@ PRESET_RECORDS = [
 ]
 PRESET_VERDICTS = {
     "open_platypus": (["single_letter", "exam_result", "code", "length", None, None, None, None, "unchanged", None],
-                      "#in: 10, #rewrite kept: 5, #original kept: 5 (rejected by unchanged: 1, single_letter: 1, "
+                      "#in: 10, #rewrite kept: 5, #original kept: 5 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, single_letter: 1, "
                       "exam_result: 1, code: 1, length: 1; lengths in words)"),
     "alpaca": ([None, None, "code", "length", None, None, None, None, "unchanged", "code"],
-               "#in: 10, #rewrite kept: 6, #original kept: 4 (rejected by unchanged: 1, code: 2, length: 1; lengths in words)"),
+               "#in: 10, #rewrite kept: 6, #original kept: 4 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, code: 2, length: 1; lengths in words)"),
     "no_robots": ([None, None, "code", "length", "default_category", "leaked_marker", "planning", None, "unchanged",
                    "code"],
-                  "#in: 10, #rewrite kept: 3, #original kept: 7 (rejected by unchanged: 1, default_category: 1, "
+                  "#in: 10, #rewrite kept: 3, #original kept: 7 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, default_category: 1, "
                   "leaked_marker: 1, planning: 1, code: 2, length: 1; lengths in words)"),
     "gsm8k": ([None, None, None, None, None, None, None, "final_answer", "unchanged", None],
-              "#in: 10, #rewrite kept: 8, #original kept: 2 (rejected by unchanged: 1, final_answer: 1)"),
+              "#in: 10, #rewrite kept: 8, #original kept: 2 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, final_answer: 1)"),
     "math": ([None, None, None, None, None, None, None, "final_answer", "unchanged", None],
-             "#in: 10, #rewrite kept: 8, #original kept: 2 (rejected by unchanged: 1, final_answer: 1)"),
+             "#in: 10, #rewrite kept: 8, #original kept: 2 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, final_answer: 1)"),
     "none": ([None, None, None, None, None, None, None, None, "unchanged", None],
              "#in: 10, #rewrite kept: 9, #original kept: 1 (rejected by unchanged: 1)"),
 }

@@ -357,3 +357,17 @@ def test_a_slow_reformat_shows_its_progress_on_a_log_file_console(tmp_path, fake
     assert running, err[-2000:]
     assert " of 16 records (" in running[0] and "ETA " in running[0] and "spend $" in running[0]
     assert "run_pipeline: reformat: 16 of 16 records (100%) in " in err
+
+
+def test_a_changed_setting_that_pays_again_says_so_on_the_console_with_the_cost(tmp_path, fake_openai):
+    records = [{"id": i, "items": [{"from": "human", "value": f"Q{i}?", "category": "open_qa"},
+                                   {"from": "gpt", "value": f"Answer number {i}."}]} for i in range(4)]
+    input_path = write_json(tmp_path / "input.json", records)
+    env = pipeline_env(fake_openai)
+    assert run_pipeline(input_path, tmp_path / "out", env, "--no-evaluate").returncode == 0
+    again = run_pipeline(input_path, tmp_path / "out", env, "--no-evaluate", "--top_k", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    warned = [line for line in again.stderr.splitlines() if "finished lines were made with other settings" in line]
+    assert warned and "run_pipeline: reformat: " in warned[0]
+    assert sum(int(re.search(r": (\d) finished lines", line).group(1)) for line in warned) == 4
+    assert all(re.search(r"costs about \$0\.\d{4}", line) for line in warned)
