@@ -271,7 +271,8 @@ PRESET_VERDICTS = {
     "math": ([None, None, None, None, None, None, None, "final_answer", "unchanged", None],
              "#in: 10, #rewrite kept: 8, #original kept: 2 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, final_answer: 1)"),
     "none": ([None, None, None, None, None, None, None, None, "unchanged", None],
-             "#in: 10, #rewrite kept: 9, #original kept: 1 (rejected by unchanged: 1)"),
+             "#in: 10, #rewrite kept: 9, #original kept: 1 (rejected by unchanged: 1, no_candidate_passed: 0, "
+             "request_failed: 0)"),
 }
 
 
