@@ -4,9 +4,10 @@ Usage:
     .venv/bin/python benchmarks/bench_cache.py
     .venv/bin/python benchmarks/bench_cache.py --records 20000
 
-1. A hit: ``Client.ask`` answered from the cache (key of the whole request body, SQLite
-   lookup, decompression, JSON, the caller's check that the reply is usable), timed with
-   ``time.process_time`` over --hits calls on a cache of --records entries.
+1. A hit: a request the engine (``realign.engine.send_requests``) answers from the cache
+   (key of the whole request body, SQLite lookup off the event loop, decompression, JSON,
+   reformat's judgement of the candidates), timed with ``time.process_time`` over --hits
+   requests on a cache of --records entries.
 2. A rerun into a fresh folder: the fake OpenAI server is started in its own process, the
    cache is filled with the replies it would give to reformat.py's requests for --records
    synthetic records (the same keys reformat.py computes), then ``reformat.py`` runs on them
@@ -15,7 +16,6 @@ Usage:
 """
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -44,42 +44,55 @@ def fake_reply(body):
             "usage": {"prompt_tokens": 300, "completion_tokens": 250, "total_tokens": 550}}
 
 
+def rewrite_request(args, sampling, record):
+    """The logical body reformat.py sends for ``record`` (see ``reformat.Chunk``)."""
+    import reformat
+
+    messages = reformat.build_rewrite_messages(record, args.adaptive, args.is_retrieval, args.reply_format)
+    return {"messages": messages, **sampling.fields()}
+
+
 def fill_cache(cache_dir, records, base_url):
+    """Store the fake's reply to each record's request under the key reformat.py looks up."""
     import reformat
     from realign.cache import Cache
-    from realign.client import CHAT, Client
+    from realign.client import OpenAITransport
 
     args = reformat.parse_args(["--input_data_path", "x", "--output_directory", "y", "--base_url", base_url])
     sampling = reformat.make_sampling(args)
+    transport = OpenAITransport(base_url, "bench-key", model=args.model)
     with Cache(cache_dir) as cache:
         for record in records:
-            messages = reformat.build_rewrite_messages(record)
-            logical = Client.logical_chat(messages, sampling)
-            cache.put(Client.key_of(args.base_url, CHAT, logical),
-                      fake_reply({"messages": messages, "model": sampling.model, "n": sampling.n}))
-    return sampling
+            body = rewrite_request(args, sampling, record)
+            cache.put(transport.key(body), fake_reply(body))
+    return args, sampling
 
 
-def time_hits(cache_dir, records, base_url, sampling, hits):
+def time_hits(cache_dir, records, base_url, args, sampling, hits):
+    """CPU per request the engine answers from the cache, the reply judged as reformat.py does."""
     import reformat
     from realign.cache import Cache
-    from realign.client import Client
+    from realign.client import OpenAITransport
+    from realign.engine import Options, Request, send_requests
 
-    messages = [reformat.build_rewrite_messages(record) for record in records[:hits]]
+    used = []
 
-    async def ask_all(client):
+    def request(record):
+        def on_reply(reply):
+            judged = reformat.judge_candidates(record, reformat.reply_choices(reply))
+            used.append(judged)
+            return True
+        return Request(rewrite_request(args, sampling, record), on_reply)
+
+    transport = OpenAITransport(base_url, "bench-key", model=args.model, check_model=False)
+    with Cache(cache_dir) as cache:
+        options = Options(concurrency=64, cache=cache, check_first=False)
         start = time.process_time()
-        for m in messages:
-            answer = await client.chat(m, sampling, accept=reformat.is_usable)
-            assert answer.cached
-        return time.process_time() - start
-
-    client = Client(base_url, "bench-key", cache=Cache(cache_dir))
-    try:
-        cpu = asyncio.run(ask_all(client))
-    finally:
-        client.cache.close()
-    return cpu / len(messages)
+        usage = send_requests((request(record) for record in records[:hits]), transport, options, "bench")
+        cpu = time.process_time() - start
+    if usage.stats["cache_hits"] != hits or len(used) != hits:
+        raise SystemExit(f"expected {hits} cache hits, got {usage.stats['cache_hits']} ({len(used)} replies used)")
+    return cpu / hits
 
 
 def main(argv=None):
@@ -93,11 +106,11 @@ def main(argv=None):
         base_url = f"http://127.0.0.1:{port}/v1"
         cache_dir = os.path.join(workdir, "cache")
         started = time.perf_counter()
-        sampling = fill_cache(cache_dir, records, base_url)
+        args_, sampling = fill_cache(cache_dir, records, base_url)
         print(f"filled the cache with {len(records):,} replies in {time.perf_counter() - started:.1f} s "
               f"({os.path.getsize(os.path.join(cache_dir, 'requests.sqlite3')) / 2**20:.0f} MiB)", flush=True)
-        per_hit = time_hits(cache_dir, records, base_url, sampling, min(args.hits, len(records)))
-        print(f"cache hit through Client.ask: {per_hit * 1000:.3f} ms of CPU per hit "
+        per_hit = time_hits(cache_dir, records, base_url, args_, sampling, min(args.hits, len(records)))
+        print(f"cache hit through the engine: {per_hit * 1000:.3f} ms of CPU per hit "
               f"({min(args.hits, len(records)):,} hits)", flush=True)
 
         input_path = os.path.join(workdir, "input.json")

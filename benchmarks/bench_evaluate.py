@@ -13,10 +13,13 @@ rest tagged original with a reject reason. Then it runs, in a child process, eva
 with --output_path, --report_path and --plot_path, and prints its wall time and peak RSS
 (the child's ru_maxrss from os.wait4), the headline, and the cost of the word-level edit
 distance alone (rapidfuzz on --distance_pairs pairs, in this process), next to a
-hand-written quadratic loop on a few pairs for scale.
+hand-written quadratic loop on a few pairs for scale. Last, the same evaluate.py run with
+--html_path: its time against the first run's and the page's size.
 
-No target is set: benchmarks/README.md lists the figures measured at 1M records. They
-depend on the machine, so measure on a quiet one.
+Targets (issue 22), printed with PASS or FAIL: the page stays under 10 MB and the run with
+it takes at most a third longer than without. The other figures have no target:
+benchmarks/README.md lists those measured at 1M records. They depend on the machine, so
+measure on a quiet one.
 """
 
 import argparse
@@ -37,6 +40,8 @@ from realign.metrics import edit_rate_of_words, split_words
 
 TASKS = list(constant.TASK_DESCRIPTION)
 REASONS = ("unchanged", "length", "code", "single_letter")
+PAGE_MAX_BYTES = 10_000_000  # issue 22: the page of 1M records stays under 10 MB
+PAGE_MAX_EXTRA_TIME = 1 / 3  # ... built in the time of the figures plus at most a third more
 
 
 def lcg(state):
@@ -150,6 +155,16 @@ def main(argv=None):
               f"({1e6 * seconds / args.records:.0f} us a record), peak RSS {mib(peak)} "
               f"({peak / sizes:.2f}x the two input files); output {mib(os.path.getsize(out))}")
         print(f"    {line.split(': ', 1)[-1]}")
+        page = os.path.join(directory, "report.html")
+        html_seconds, html_peak, _ = run_measured([
+            sys.executable, "evaluate.py", "--original_path", original_path, "--rewritten_path", final_path,
+            "--output_path", out, "--report_path", os.path.join(directory, "evaluation.md"),
+            "--plot_path", os.path.join(directory, "evaluation.png"), "--html_path", page])
+        size, extra = os.path.getsize(page), html_seconds / seconds - 1
+        verdict = "PASS" if size < PAGE_MAX_BYTES and extra <= PAGE_MAX_EXTRA_TIME else "FAIL"
+        print(f"the same with --html_path: {html_seconds:.1f} s ({extra:+.0%}; target at most "
+              f"{PAGE_MAX_EXTRA_TIME:+.0%}), peak RSS {mib(html_peak)}, page {size / 1e6:.1f} MB "
+              f"(target under {PAGE_MAX_BYTES / 1e6:.0f} MB): {verdict}")
         library, quadratic, changed = time_distances(args.distance_pairs, args.quadratic_pairs)
         print(f"edit rate alone (split + rapidfuzz Levenshtein on word lists, {changed:.0%} of pairs changed): "
               f"{1e6 * library:.1f} us a pair = {library * 1e6:.0f} s per million records")

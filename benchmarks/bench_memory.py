@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the fake servers live with th
 from constant import RAG_TASKS, TASK_DESCRIPTION  # noqa: E402
 from realign import write_json_list_atomic  # noqa: E402
 from fake_servers import spawn, stop_spawned  # noqa: E402
-from retrieval import search_key  # noqa: E402
+from retrieval import search_fingerprint  # noqa: E402
 
 BASELINE_RECORDS = 100  # the baseline run's input
 CHUNKS = 10  # reformat.py --dataset_batch_num
@@ -89,8 +89,8 @@ def synthetic_records(n, progress_file, seed=0):
             items += [{"from": "human", "value": text(10, 30) + "?"}, {"from": "gpt", "value": text(30, 100)}]
         if task in RAG_TASKS and len(items) == 2:
             evidence = [text(20, 40) for _ in range(5)]
-            key = search_key(human["value"], "us", "en")  # the fingerprint retrieval.py checks
-            progress_file.write(json.dumps({"id": 1000 + i, "key": key, "evidence": evidence}) + "\n")
+            key = search_fingerprint(human["value"], "us", "en")  # the fingerprint retrieval.py checks
+            progress_file.write(json.dumps({"id": 1000 + i, "fingerprint": key, "evidence": evidence}) + "\n")
             if i % 2:
                 human["evidence"] = evidence[:rng.randint(1, 5)]
         yield {"id": 1000 + i, "items": items}
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         server, port = spawn("openai", latency=0)
         try:
             for script in args.scripts:
-                imports = {"reformat": "import reformat, openai", "retrieval": "import retrieval, requests"}[script]
+                imports = {"reformat": "import reformat, openai", "retrieval": "import retrieval, openai"}[script]
                 _, import_rss, _ = run_child([sys.executable, "-c", imports], env,
                                              os.path.join(workdir, f"{script}_imports.log"))
                 if script == "reformat":

@@ -23,6 +23,7 @@ order of :data:`CHECKS`. reformat.py uses it to choose among candidates, the fil
 everywhere.
 """
 
+import functools
 import re
 
 # Names of the checks, in the order they are reported.
@@ -59,11 +60,12 @@ REVISED_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*revised[ \t]+response[ \
                                re.IGNORECASE)
 # Talk about the task instead of the answer: the prompt's own words coming back.
 TASK_TALK_RE = re.compile(
-    r"\b(?:target|required|requested|specified|desired|given|new) (?:format|structure)\b"
+    r"(?=[tgrsdnofc\[])"  # the first letters of the phrases below: the other positions are passed at once
+    r"(?:\b(?:target|required|requested|specified|desired|given|new) (?:format|structure)\b"
     r"|\b(?:revised|reformatted|rewritten|original) (?:response|answer)\b"
     r"|\bfollows? the (?:\w+ )?format\b"
     r"|\bchange only the format\b"
-    r"|\[(?:question|original response|target format|evidence) (?:start|end)\]",
+    r"|\[(?:question|original response|target format|evidence) (?:start|end)\])",
     re.IGNORECASE)
 ANSWER_IS_RE = re.compile(r"\b(?:the (?:final |correct )?answer is|answer:)\s*(?P<answer>[^\n.;!?]{1,40})",
                           re.IGNORECASE)
@@ -98,6 +100,7 @@ STOPWORDS = frozenset("""
     before between through during out up down off again more most other some such only own same just both each
     few all any how what which who whom whose why when where while because until upon also yet nor per via whether
 """.split())
+NOT_CONTENT_WORDS = STOPWORDS | FORMAT_WORDS
 
 
 # -- text helpers --------------------------------------------------------------------------
@@ -116,9 +119,16 @@ def normalize_number(number):
     return "-" + number if negative and number != "0" else number
 
 
+# The checks of one record read the same texts many times (the original against each
+# candidate, a candidate in several checks): what they read of a text is kept for the last
+# few texts, as tuples that nobody can change.
+memo = functools.lru_cache(maxsize=64)
+
+
+@memo
 def numbers_in(text):
     """The numbers of ``text``, normalized, in order."""
-    return [normalize_number(n) for n in NUMBER_RE.findall(text)]
+    return tuple(normalize_number(n) for n in NUMBER_RE.findall(text))
 
 
 def last_number(text):
@@ -131,8 +141,9 @@ def without_list_numbers(text):
     return LIST_NUMBER_RE.sub("", text)
 
 
+@memo
 def words_of(text):
-    return [word.lower() for word in WORD_RE.findall(text)]
+    return tuple(WORD_RE.findall(text.lower()))
 
 
 def has_code(text):
@@ -195,12 +206,14 @@ def _unit(text):
     return " ".join(MARKUP_RE.sub(" ", without_list_numbers(text)).lower().split()).strip(" .,:;-")
 
 
+@memo
 def repeated_units(text):
-    """The most times any line or sentence of at least :data:`LOOP_MIN_WORDS` words occurs."""
+    """The most times any line or sentence of at least :data:`LOOP_MIN_WORDS` words occurs,
+    and the count of each (read only: it is shared)."""
     counts = {}
     for piece in SENTENCE_SPLIT_RE.split(text):
         unit = _unit(piece)
-        if len(unit.split()) >= LOOP_MIN_WORDS:
+        if unit.count(" ") >= LOOP_MIN_WORDS - 1:  # words are one space apart in a unit
             counts[unit] = counts.get(unit, 0) + 1
     return max(counts.values(), default=0), counts
 
@@ -209,15 +222,11 @@ def repeated_ngram_share(words, n=LOOP_NGRAM):
     """The share of ``n``-word sequences that repeat an earlier one (0 for short texts)."""
     if len(words) < 2 * n:
         return 0.0
-    seen, repeats = set(), 0
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i:i + n])
-        if gram in seen:
-            repeats += 1
-        seen.add(gram)
-    return repeats / (len(words) - n + 1)
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return (len(grams) - len(set(grams))) / len(grams)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stem(word):
     """A crude English stem so that "plants" meets "plant" and "gives" meets "give"."""
     if word.endswith("'s"):
@@ -228,29 +237,45 @@ def stem(word):
     return word
 
 
+@memo
 def content_words(text):
     """The stems of the words of ``text`` that carry content (no stop words, no format
     words), in order, repeats included."""
-    return [stem(w) for w in words_of(text) if len(w) >= 3 and w not in STOPWORDS and w not in FORMAT_WORDS]
+    return tuple([stem(w) for w in words_of(text) if len(w) >= 3 and w not in NOT_CONTENT_WORDS])
+
+
+OPENING_CHARS = " \t\"'“‘«([*_#>-"  # what may stand between a sentence's end and its first word
+LIST_ITEM_END_RE = re.compile(r"(?:^|\n)[ \t]*\d+[.)]$")
 
 
 def is_sentence_start(text, at):
-    """Whether position ``at`` of ``text`` starts a sentence, a line or a list item."""
-    before = text[:at].rstrip(" \t\"'“‘«([*_#>-")
-    before = re.sub(r"(?:^|\n)[ \t]*\d+[.)]$", "\n", before)  # after "1. " a list item starts
-    return not before or before[-1] in ".!?:\n"
+    """Whether position ``at`` of ``text`` starts a sentence, a line or a list item.
+
+    Only the end of the text before ``at`` is read (from the start of its line, or the last
+    100 characters of a longer line), so that reading every name of a long text stays linear."""
+    line_start = text.rfind("\n", 0, at) + 1
+    start = max(line_start, at - 100)
+    before = text[start:at].rstrip(OPENING_CHARS)
+    if not before:
+        if start == line_start:
+            return True  # the start of the text or of a line
+        return is_sentence_start(text, start)
+    if start == line_start and LIST_ITEM_END_RE.search(before):
+        return True  # after "1. " a list item starts
+    return before[-1] in ".!?:"
 
 
 NAME_RE = re.compile(r"\b(?:[A-Z][a-z]+(?:[A-Z][a-z]+)*|[A-Z]{2,6})\b")
 
 
+@memo
 def names_in(text):
     """Capitalised words inside sentences (proper names) and short acronyms of ``text``."""
     names = set()
     for match in NAME_RE.finditer(text):
         if match.group().isupper() or not is_sentence_start(text, match.start()):
             names.add(match.group())
-    return names
+    return frozenset(names)
 
 
 # -- the checks ------------------------------------------------------------------------------
@@ -276,7 +301,10 @@ def protocol_leftover(rewrite, original="", question=""):
     """The reply protocol's markers, or the prompt's talk about the task, in the rewrite
     (and in neither the original nor the question): the matched text, else None."""
     source = f"{question}\n{original}"
-    for pattern in (REASONING_MARKER_RE, REVISED_MARKER_RE, TASK_TALK_RE):
+    lower = rewrite.lower()
+    for pattern, trigger in ((REASONING_MARKER_RE, "reasoning"), (REVISED_MARKER_RE, "revised"), (TASK_TALK_RE, "")):
+        if trigger not in lower:
+            continue  # a marker cannot match without its word (a quick look before the regex)
         for match in pattern.finditer(rewrite):
             words = match.group().strip("*_ :").lower()
             if words and words not in source.lower():
@@ -302,7 +330,7 @@ def lost_numbers(rewrite, original):
 
 
 def _plain(text):
-    return " ".join(words_of(text) + [n for n in numbers_in(text)])
+    return " ".join(words_of(text) + numbers_in(text))
 
 
 def _in_order(needles, haystack):

@@ -130,6 +130,15 @@ def test_names_inside_sentences_must_stay():
     assert quality.lost_names("Every animal counts.", "Every animal counts.") == []  # a sentence's first word
 
 
+
+def test_names_are_told_from_sentence_starts_far_into_a_long_line():
+    filler = "the committee met again to discuss the budget of the coming year and then " * 3
+    text = f"{filler}Lisbon was chosen. Porto was not.\n1. Madrid hosts it\n  - Rome waits"
+    assert quality.names_in(text) == {"Lisbon"}  # the others open a sentence, a list item, a line
+    assert quality.is_sentence_start(text, text.index("Porto"))
+    assert not quality.is_sentence_start(text, text.index("Lisbon"))
+    assert quality.is_sentence_start("(" * 150 + "Oslo", 150)  # only opening marks back to the start
+
 # -- verdicts ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("original, rewrite, flipped", [
