@@ -497,7 +497,7 @@ def classify_command(args, data_path, classified, spend):
     return command + shlex.split(args.classify_args)
 
 
-def run_stages(args, runner, out, unlabelled, scratch):
+def run_stages(args, runner, out, unlabelled, scratch, started):
     spend = PipelineSpend(args.max_cost)
     realign_input = args.realign_input
     data_path = realign_input
@@ -583,11 +583,12 @@ def run_stages(args, runner, out, unlabelled, scratch):
         headline = read_usage(evaluation).get("headline")
         if headline:
             logger.info("%s", headline)
+    took = time.monotonic() - started
     if args.demo:
-        logger.info("done: %s; spend: $0 (the stand-ins are free; at %s's prices this run would cost $%.4f)",
-                    final, args.model, spend.spent)
+        logger.info("done in %.1f s: %s; spend: $0 (the stand-ins are free; at %s's prices this run would cost "
+                    "$%.4f)", took, final, args.model, spend.spent)
     else:
-        logger.info("done: %s; spend this run: $%.4f", final, spend.spent)
+        logger.info("done in %.1f s: %s; spend this run: $%.4f", took, final, spend.spent)
     if report:
         logger.info("browse the originals and rewrites: open %s in a browser", report)
     return 1 if had_failed_records else 0
@@ -781,14 +782,13 @@ def main(argv=None):
         runner = Runner(args.python, os.path.join(out, "logs"), env)
         previous = {s: signal.signal(s, runner.forward) for s in STOP_SIGNALS}
         try:
-            status = run_stages(args, runner, out, unlabelled, scratch)
+            status = run_stages(args, runner, out, unlabelled, scratch, started)
         except StageFailed as e:
-            logger.error("%s", e)
+            logger.error("%s (after %.1f s)", e, time.monotonic() - started)
             return 1
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            logger.info("pipeline ran %.1fs", time.monotonic() - started)
         return status
 
 

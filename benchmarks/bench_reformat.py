@@ -39,8 +39,8 @@ from fake_servers import spawn, stop_spawned
 FAULT_RATES = {"429": 0.10, "500": 0.05, "malformed": 0.05}
 MIN_REQUESTS_FOR_CPU = 900  # fewer, and the start-up cost's jitter swamps the per-request CPU
 CPU_BOUND_RATE = 250.0  # records/s one client process sustains here; caps the input size
-SUMMARY_RE = re.compile(r"rewritten: (?P<rewritten>\d+), passed through: \d+, failed: (?P<failed>\d+), "
-                        r"re-asks: (?P<reasks>\d+), requests: (?P<requests>[\d,]+), retries: (?P<retries>[\d,]+) .*?"
+SUMMARY_RE = re.compile(r"reformatted: (?P<rewritten>\d+), .*?, failed: (?P<failed>\d+), "
+                        r"re-asks: (?P<reasks>\d+), .*?requests: (?P<requests>[\d,]+), retries: (?P<retries>[\d,]+) .*?"
                         r"(?P<elapsed>[\d.]+) s \((?P<rate>[\d.]+) records/s\)")
 TEXT = ("the format of an answer matters as much as its content when a reader scans it for the one "
         "fact they need so every response is checked against the task and rewritten with care")

@@ -232,13 +232,22 @@ def test_the_demo_runs_with_no_key_and_ends_with_the_final_file_and_a_report(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the answers come from local stand-ins for OpenAI" in result.stderr
     final = read_json(out / "final.json")
-    check_final(final, load_examples())
+    # The demo's stand-in drops the last sentence of one response in six: the checks refuse
+    # three such rewrites and the filter a fourth, shorter by a sentence out of two.
+    careless = {104: "no_candidate_passed", 106: "no_candidate_passed", 136: "no_candidate_passed", 148: "length"}
+    assert {r["id"]: r.get("reject_reason") for r in final if r["id"] in careless} == careless
+    assert all(r["tag"] == "original" for r in final if r["id"] in careless)
+    check_final([r for r in final if r["id"] not in careless],
+                [r for r in load_examples() if r["id"] not in careless])
     report = (out / "evaluation.md").read_text(encoding="utf-8")
     headline = read_json(out / "evaluation.json")["headline"]
     assert headline.startswith("substantially rewritten ") and " of 57; " in headline and f"**{headline}**" in report
     assert headline in result.stderr
     with open(out / "evaluation.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"open {out / 'report.html'} in a browser"), last  # the page's path comes last
+    assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_alpaca_in_messages_out_in_one_command(tmp_path, fake_openai, fake_serper):
