@@ -59,6 +59,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 from collections import Counter, defaultdict, namedtuple
 
 from constant import JUDGE_PROMPTS, TASK_GROUPS
@@ -81,6 +82,7 @@ from realign.metrics import (
     Sampler,
     edit_rate_of_words,
     is_rewritten,
+    plural,
     split_words,
 )
 from realign.cache import open_cache
@@ -328,14 +330,15 @@ def read_candidate_checks(directory):
 
 def checks_headline(summary):
     """The headline's part on the quality checks (realign/quality.py), e.g. ``checks: 22 of 98
-    candidates failed (3 records kept their original), 11 rewrites rejected by a check, 0 kept
+    candidates failed (3 records kept the original), 11 rewrites rejected by a check, 0 kept
     rewrites fail one``."""
     overall = summary["overall"]
     parts = []
     candidates = summary.get("candidate_checks")
     if candidates:
+        kept = candidates["kept_original"]
         parts.append(f"{candidates['failing']:,} of {candidates['candidates']:,} candidates failed "
-                     f"({candidates['kept_original']:,} records kept their original)")
+                     f"({kept:,} {plural(kept, 'record')} kept the original)")
     rejected = sum(n for reason, n in overall["reject_reasons"].items() if reason in TEXT_CHECKS)
     if overall["reject_reasons"] or overall["tags"].get("original"):
         parts.append(f"{rejected:,} rewrites rejected by a check")
@@ -871,7 +874,7 @@ def render_charts(summary, overall_stats):
         draw = draw_factuality_panel if judge == "factuality" else draw_readability_panel
         draw(figure.add_subplot(grid[row, 1]), summary["judges"][judge])
     draw_key_figures(figure.add_subplot(grid[-1, 1]), summary)
-    figure.suptitle(summary["headline"], fontsize=11)
+    figure.suptitle(textwrap.fill(summary["headline"], 150), fontsize=11)  # 150 characters fit 16 inches
     return figure
 
 

@@ -528,7 +528,7 @@ def run_stages(args, runner, out, unlabelled, scratch, started):
         if args.retrieval_batch_size:
             command += ["--batch_size", args.retrieval_batch_size]
         command += cost_flags(args, spend.left(), tokens=False)
-        started = time.time()
+        retrieval_started = time.time()
         try:
             run_paid_stage(runner, args, spend, "retrieval", "retrieval.py", command)
         except StageFailed:
@@ -537,7 +537,7 @@ def run_stages(args, runner, out, unlabelled, scratch, started):
             logger.warning("retrieval: some searches failed; going on without their evidence")
         if args.dry_run:
             pass
-        elif os.path.exists(clean) and os.path.getmtime(clean) >= started:
+        elif os.path.exists(clean) and os.path.getmtime(clean) >= retrieval_started:
             data_path = clean
         else:  # a fatal failure wrote nothing: an evidence file there is an earlier run's
             logger.warning("retrieval wrote no evidence in this run: reformatting without evidence")

@@ -154,6 +154,11 @@ class MeasureStats:
 # -- seeded samples of records ---------------------------------------------------------------
 
 
+def plural(n, word):
+    """``word`` for one, ``word + "s"`` for any other count (the reports' "1 record", "3 records")."""
+    return word if n == 1 else word + "s"
+
+
 def sample_key(seed, record_id):
     """A pseudo-random 64-bit key of ``(seed, id)`` (blake2b of the JSON of ``[seed, id]``),
     the same on every machine and run."""

@@ -35,7 +35,7 @@ import json
 import re
 
 import constant
-from realign.metrics import Sampler, sample_key
+from realign.metrics import Sampler, plural, sample_key
 from realign.quality import CHECKS, TEXT_CHECKS
 
 __all__ = ["MAX_PAGE_CHARS", "MAX_TEXT_CHARS", "RecordSample", "figure_svg", "is_flagged", "render_page", "sample_key"]
@@ -81,10 +81,6 @@ def cut_record(record, max_chars=MAX_TEXT_CHARS):
     if cut:
         kept["cut"] = cut
     return kept
-
-
-def plural(n, word):
-    return word if n == 1 else word + "s"
 
 
 class RecordSample:

@@ -245,6 +245,7 @@ def test_the_demo_runs_with_no_key_and_ends_with_the_final_file_and_a_report(tmp
     assert headline in result.stderr
     with open(out / "evaluation.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"done in \d+\.\d s: ", result.stderr)
     last = result.stderr.strip().splitlines()[-1]
     assert last.endswith(f"open {out / 'report.html'} in a browser"), last  # the page's path comes last
     assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
