@@ -676,8 +676,8 @@ def parse_args(argv=None):
                         help=f"model name (default: {DEFAULT_MODEL}; the paper used gpt-3.5-turbo-1106, "
                              "shut down on 2026-10-23)")
     parser.add_argument("--top_k", type=positive_int, default=2,
-                        help="candidates sampled per request (the API's n); the longest usable one is kept "
-                             "(default: 2)")
+                        help="candidates sampled per request (the API's n); the longest one that passes the "
+                             "checks is kept (default: 2)")
     parser.add_argument("--temperature", type=optional_float, default=0.3,
                         help="sampling temperature, or none to leave it out (default: 0.3, the original "
                              "code's; a model that refuses it gets its default, with a warning)")

@@ -74,3 +74,17 @@ def tiny_tokenizer_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tiny_tokenizer"))
     build_tiny_tokenizer(directory)
     return directory
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The retry waits the engine asks for, recorded instead of slept."""
+    asked = []
+
+    async def record(stopper, seconds):
+        asked.append(seconds)
+
+    from realign import engine
+
+    monkeypatch.setattr(engine, "sleep_unless_stopped", record)
+    return asked

@@ -49,18 +49,6 @@ def send(server, requests, stopper=None, transport=None, **options):
     return asyncio.run(run_requests(requests, transport, options, "test", stopper or Stopper()))
 
 
-@pytest.fixture
-def waits(monkeypatch):
-    """The retry waits the engine asks for, recorded instead of slept."""
-    asked = []
-
-    async def record(stopper, seconds):
-        asked.append(seconds)
-
-    monkeypatch.setattr(engine, "sleep_unless_stopped", record)
-    return asked
-
-
 def test_a_used_reply_is_cached_and_one_not_used_is_asked_again_fresh(fake_openai, tmp_path):
     cache = Cache(str(tmp_path / "cache"))
     recorder = Recorder(use=lambda reply: False)

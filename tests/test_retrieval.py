@@ -16,7 +16,7 @@ import pytest
 from fake_servers import DEFAULT_SERPER_KEY, FakeSerperServer
 
 import retrieval
-from realign import FatalError, engine
+from realign import FatalError
 from realign.engine import Options, Request, run_requests
 from realign.pool import Stopper
 from realign.search import SerperTransport, search_body
@@ -144,18 +144,6 @@ def search(url, query="q", key=DEFAULT_SERPER_KEY, *, timeout=30.0, max_retries=
     usage = asyncio.run(run_requests([request], SerperTransport(url, key, timeout), options, "test",
                                      stopper or Stopper()))
     return (replies or [None])[0], (errors or [None])[0], usage
-
-
-@pytest.fixture
-def waits(monkeypatch):
-    """The retry waits the engine asks for, recorded instead of slept."""
-    asked = []
-
-    async def record(stopper, seconds):
-        asked.append(seconds)
-
-    monkeypatch.setattr(engine, "sleep_unless_stopped", record)
-    return asked
 
 
 def test_search_sends_query_key_and_locale(fake_serper):
