@@ -10,10 +10,13 @@ a few recognisable ways, each caught here by one function on literal text:
   task ("this revised response follows the target format") inside the response;
 - ``flipped_verdict``: a true/false, yes/no or letter answer turned into another one;
 - ``lost_answer``: the original's final answer is missing (``####``, ``\\boxed{}``, "the
-  answer is X", a math task's result, or the whole of a short original);
+  answer is X", a math task's result, or the whole of a short original or of a corrected,
+  polished, rewritten or translated text);
 - ``lost_number``: a number of the original is missing (list numbering aside);
 - ``lost_code``: a line of the original's code is missing;
 - ``lost_name``: a name of the original (a capitalised word inside a sentence) is missing;
+- ``lost_content``: much of the original's wording is missing (a reply of a few words, an
+  answer without its explanation, a dropped sentence);
 - ``ungrounded``: much content that neither the question, the original nor the evidence
   holds.
 
@@ -30,16 +33,23 @@ import re
 CUT_OFF = "cut_off"
 UNPARSABLE = "unparsable"
 CHECKS = (CUT_OFF, UNPARSABLE, "loop", "leftover", "flipped_verdict", "lost_answer", "lost_number", "lost_code",
-          "lost_name", "ungrounded")
+          "lost_name", "lost_content", "ungrounded")
 TEXT_CHECKS = CHECKS[2:]  # those that read only texts (the filter and evaluate run these)
 
 ANSWER_TASKS = ("math_puzzles", "exam_problem_solving_tutor")  # tasks whose response ends in a result
+# Tasks whose response is a text the format puts first as it is ("Give the corrected text
+# first"): the rewrite must hold all of its words, in order, however long it is.
+TEXT_ANSWER_TASKS = ("text_correction", "language_polishing", "instructional_rewriting", "text_to_text_translation")
 LOOP_MIN_REPEATS = 3  # a line or sentence this many times (and more often than in the original)
 LOOP_MIN_WORDS = 3  # shorter lines (headings, "Mars") may repeat legitimately
 LOOP_NGRAM = 6
 LOOP_MIN_TEXT_WORDS = 60
 LOOP_REPEATED_SHARE = 0.35  # share of repeated 6-word sequences that marks a loop without line breaks
 SHORT_ORIGINAL_WORDS = 8  # an original this short is its answer: the rewrite must hold all of it
+CONTENT_MIN_KEPT = 0.7  # share of the original's content words a rewrite must hold (stems, each once)
+CONTENT_MIN_WORDS = 5  # content words of an original below which lost_content does not apply (lost_answer does)
+SENTENCE_MIN_KEPT = 0.5  # ... and of each of its sentences or lines of SENTENCE_MIN_WORDS content words or more
+SENTENCE_MIN_WORDS = 4
 UNGROUNDED_MIN_WORDS = 30  # new content words (repeats counted) before a rewrite counts as ungrounded
 UNGROUNDED_MIN_ORIGINAL = 20  # content words of an original below which the check does not apply
 
@@ -65,6 +75,7 @@ TASK_TALK_RE = re.compile(
     r"|\b(?:revised|reformatted|rewritten|original) (?:response|answer)\b"
     r"|\bfollows? the (?:\w+ )?format\b"
     r"|\bchange only the format\b"
+    r"|\bthe (?:final |correct )?answer is[\s:.]*$"  # announcing an answer that never comes
     r"|\[(?:question|original response|target format|evidence) (?:start|end)\])",
     re.IGNORECASE)
 ANSWER_IS_RE = re.compile(r"\b(?:the (?:final |correct )?answer is|answer:)\s*(?P<answer>[^\n.;!?]{1,40})",
@@ -231,6 +242,8 @@ def stem(word):
     """A crude English stem so that "plants" meets "plant" and "gives" meets "give"."""
     if word.endswith("'s"):
         word = word[:-2]
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"  # "lilies" meets "lily", "countries" "country"
     for suffix in ("ing", "ed", "es", "s", "ly", "e"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             return word[:-len(suffix)]
@@ -347,7 +360,8 @@ def _in_order(needles, haystack):
 def lost_answer(rewrite, original, category=None):
     """The original's final answer when the rewrite does not hold it, else None: its
     ``####`` / ``\\boxed{}`` answer, the X of "the answer is X", the last number of a math
-    task, or every word of a short original, in its order."""
+    task, or every word of a short original, or of the text of a :data:`TEXT_ANSWER_TASKS`
+    task, in its order."""
     if (GSM8K_MARK in original or BOXED in original) and not final_answer_kept(original, rewrite):
         return gsm8k_answer(original) if GSM8K_MARK in original else boxed_answer(original)
     rewrite_tokens = words_of(rewrite) + numbers_in(rewrite)
@@ -363,7 +377,8 @@ def lost_answer(rewrite, original, category=None):
     if has_code(original):
         return None  # code is lost_code's
     tokens = re.findall(r"[^\W_]+", original.lower())
-    if 1 < len(tokens) <= SHORT_ORIGINAL_WORDS or (len(tokens) == 1 and len(tokens[0]) > 1):
+    whole = category in TEXT_ANSWER_TASKS or 1 < len(tokens) <= SHORT_ORIGINAL_WORDS
+    if whole or (len(tokens) == 1 and len(tokens[0]) > 1):
         if not _in_order(tokens, re.findall(r"[^\W_]+", rewrite.lower())):
             return original.strip()
     return None
@@ -436,6 +451,27 @@ def flipped_verdict(rewrite, original):
     return None
 
 
+def lost_content(rewrite, original):
+    """The original's content words (stems) missing from the rewrite when the rewrite holds
+    less than :data:`CONTENT_MIN_KEPT` of them (of an original with
+    :data:`CONTENT_MIN_WORDS` at least), or less than :data:`SENTENCE_MIN_KEPT` of those of
+    one sentence or line (of :data:`SENTENCE_MIN_WORDS` at least); else []. A new format
+    keeps the words of the content: a reply of a few words, an answer stripped of its
+    explanation or a dropped sentence (a warning, a step) does not."""
+    wanted = set(content_words(original))
+    if len(wanted) < CONTENT_MIN_WORDS:
+        return []
+    kept = set(content_words(rewrite))
+    missing = wanted - kept
+    if len(missing) > (1 - CONTENT_MIN_KEPT) * len(wanted):
+        return sorted(missing)
+    for piece in SENTENCE_SPLIT_RE.split(original):
+        words = set(content_words(piece))
+        if len(words) >= SENTENCE_MIN_WORDS and len(words - kept) > (1 - SENTENCE_MIN_KEPT) * len(words):
+            return sorted(words - kept)
+    return []
+
+
 def ungrounded_words(rewrite, original, question="", evidence=()):
     """The rewrite's content words found in neither the question, the original nor the
     evidence, when they are many (:data:`UNGROUNDED_MIN_WORDS`) and more than the
@@ -464,6 +500,7 @@ def find_problems(rewrite, original, question="", evidence=(), category=None):
         "lost_answer": lost_answer(rewrite, original, category),
         "lost_code": lost_code(rewrite, original),
         "lost_name": lost_names(rewrite, original),
+        "lost_content": lost_content(rewrite, original),
         "flipped_verdict": flipped_verdict(rewrite, original),
         "ungrounded": ungrounded_words(rewrite, original, question, evidence),
     }

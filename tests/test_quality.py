@@ -215,4 +215,53 @@ def test_boxed_answer_handles_nested_and_unbalanced_braces():
 def test_find_problems_names_every_failed_check_in_order():
     broken = ("Revised response: The farmer has 8 cows.\n" + "The structure of the puzzle is clear.\n" * 3)
     assert quality.find_problems(broken, FARMER, FARMER_Q, category="math_puzzles") == [
-        "loop", "leftover", "lost_answer", "lost_number"]
+        "loop", "leftover", "lost_answer", "lost_number", "lost_content"]
+
+
+# -- lost content (replies a small real model gave, benchmarks/bench_real_model.py) ----------
+
+ICE = ("Ice floats because it is less dense than liquid water. When water freezes, its molecules arrange themselves "
+       "into a hexagonal crystal structure held together by hydrogen bonds, and this structure has more empty space "
+       "between the molecules than liquid water does.")
+
+
+@pytest.mark.parametrize("rewrite", [
+    "overfitting",  # a word instead of the explanation
+    "Ice floats because it is less dense than liquid water.",  # the answer without its explanation
+    "despite",
+])
+def test_a_rewrite_that_keeps_little_of_the_wording_lost_content(rewrite):
+    assert quality.lost_content(rewrite, ICE)
+    assert "lost_content" in quality.find_problems(rewrite, ICE)
+
+
+def test_a_dropped_sentence_is_lost_content_though_most_words_stay():
+    original = ("Good choices are the snake plant, pothos, ZZ plant, spider plant and peace lily. Snake plants and "
+                "ZZ plants tolerate low light and only need water every two to three weeks. Pothos grows quickly and "
+                "droops visibly when it is thirsty, so it tells you when to water it. Keep in mind that pothos, ZZ "
+                "plants and peace lilies are toxic to cats and dogs, so place them out of reach if you have pets.")
+    rewrite = "**Answer**\n\n" + original[:original.index(" Keep in mind")]
+    assert quality.lost_content(rewrite, original) == ["cat", "dog", "keep", "mind", "pet", "plac", "reach", "toxic"]
+    assert quality.lost_content("**Answer**\n\n" + original, original) == []
+
+
+def test_the_same_wording_in_a_new_format_keeps_the_content():
+    rewrite = ("**Why ice floats**\n\n- Ice is less dense than liquid water.\n- Freezing water molecules arrange "
+               "themselves into a hexagonal crystal structure, held together by hydrogen bonds.\n- That structure "
+               "has more empty space between the molecules than the liquid does.")
+    assert quality.lost_content(rewrite, ICE) == []
+    assert quality.lost_content("Negative", "Negative") == []  # too short to judge: lost_answer's
+
+
+@pytest.mark.parametrize("category, lost", [("text_correction", True), ("open_qa", False)])
+def test_a_corrected_text_must_come_back_word_for_word(category, lost):
+    original = "They're going to the library tomorrow to return their books, but they don't know when it opens."
+    rewrite = "They're going to the library tomorrow to return there books, but they don't know when it opens."
+    assert bool(quality.lost_answer(rewrite, original, category)) is lost
+    assert quality.lost_answer(f"Corrected text: {original}\n\n1. 'Their' -> 'They're'.", original, category) is None
+
+
+def test_an_answer_announced_but_never_given_is_a_leftover():
+    assert quality.protocol_leftover("The chemical symbol for gold is Au, and the answer is", "Au") == "the answer is"
+    assert quality.protocol_leftover("The answer is Au.", "Au") is None
+

@@ -221,8 +221,9 @@ def test_main_tags_every_record_in_original_order_paired_by_id(tmp_path, caplog)
         (11, "original", "unchanged"), (25, "rewrite", None)]
     assert final[0]["items"][1]["value"] == REWRITES[3]
     assert final[1]["items"] == ORIGINALS[1]["items"]
-    assert ("#in: 5, #rewrite kept: 2, #original kept: 3 (rejected by unchanged: 1, no_candidate_passed: 0, request_failed: 0, loop: 0, leftover: 0, flipped_verdict: 0, "
-            "lost_answer: 0, lost_number: 0, lost_code: 1, lost_name: 1, ungrounded: 0, single_letter: 0, "
+    assert ("#in: 5, #rewrite kept: 2, #original kept: 3 (rejected by unchanged: 1, no_candidate_passed: 0, "
+            "request_failed: 0, loop: 0, leftover: 0, flipped_verdict: 0, lost_answer: 0, lost_number: 0, "
+            "lost_code: 1, lost_name: 1, lost_content: 0, ungrounded: 0, single_letter: 0, "
             "exam_result: 0, code: 0, length: 0; lengths in words)") in caplog.text
     assert caplog.text.count("lengths are counted in words") == 1
 
