@@ -1,11 +1,12 @@
-"""Measure what ReAlign did to a dataset: the paper's "% rewritten", lengths, and optional judges.
+"""Measure what ReAlign did to a dataset: the paper's share substantially rewritten, lengths,
+what the quality checks found, an HTML page to browse the records, and optional judges.
 
 Usage:
     python evaluate.py \
         --original_path outputs/realign_examples_retrieval_clean_evidence.json \
         --rewritten_path outputs/realign_examples_final.json \
         --output_path outputs/evaluation.json --report_path outputs/evaluation.md \
-        --plot_path outputs/evaluation.png
+        --plot_path outputs/evaluation.png --html_path outputs/report.html
 
 Reads the stage-3 input (the originals) and the final file of rewrite_data_selection.py
 (or the merged file of parallel_data_merge.py), both JSON lists or JSONL, streamed, and
@@ -15,14 +16,17 @@ were left out.
 
 Free measures (no network), overall, per task group (constant.TASK_GROUPS) and per task
 (items[0].category), each with its record count:
-    - rewritten: the word-level edit distance of items[1].value before and after, divided
+    - substantially rewritten: the word-level edit distance of items[1].value before and after, divided
       by the longer word count, is above --rewrite_threshold (0.2, the paper's rule); words
       are whitespace-separated tokens; two empty texts have rate 0;
     - changed: the texts differ at all;
     - mean and median response length before and after, in words (or --tokenizer_path
       tokens), the length ratio (mean after / mean before) and the quantiles of the
       per-record ratios;
-    - the filter's tags and reject reasons (counts).
+    - the filter's tags and reject reasons (counts);
+    - the quality checks (realign/quality.py) each kept rewrite fails; with
+      --rewrite_directory, also what they found among reformat.py's candidates (its batch
+      files' candidate_checks) and how many records kept their original for it.
 
 Judges (optional; --judge factuality and/or readability, an OpenAI-compatible model):
     - factuality rates the original and the rewrite, each 1 to 10 against the reference
@@ -42,13 +46,19 @@ Outputs (each written atomically, only after every check passed):
                    task, edit_rate (4 decimals), rewritten, changed, length_before,
                    length_after, tag, reject_reason (when the file has it) and verdicts.
     --report_path  Markdown: the headline and the tables.
-    --plot_path    one PNG with several panels: the share rewritten per task, the length
-                   ratios of the changed records, and the judge results.
+    --plot_path    one PNG with several panels: the share substantially rewritten per task,
+                   the length ratios of the changed records, and the judge results.
+    --html_path    one self-contained page (no network): the same figure, the tables, and
+                   the records (a seeded sample per task, --html_sample, plus every flagged
+                   one up to --html_flagged), original and rewrite side by side with a
+                   word-level diff; --merged_path adds the rewrites the filter rejected.
 The last log line is the headline, e.g.
-    rewritten 29.9% (edit rate > 0.2) of 52,002; mean length 65.5 -> 72.4 words; changed 31.2%
+    substantially rewritten 29.9% (edit rate > 0.2) of 52,002; mean length 65.5 -> 72.4
+    words; changed 31.2%; checks: 0 rewrites rejected by a check, 0 kept rewrites fail one
 
-Exit status: 0 done; 2 bad input (a malformed record, ids in one file only, a bad
-tokenizer), nothing written. Environment: OPENAI_API_KEY and OPENAI_BASE_URL for the
+Exit status: 0 done; 1 the judges stopped early (--max_cost reached, or a fatal error),
+nothing written; 2 bad input (a malformed record, ids in one file only, a bad tokenizer),
+nothing written; 130 stopped by Ctrl-C or SIGTERM. Environment: OPENAI_API_KEY and OPENAI_BASE_URL for the
 judges (never logged).
 """
 
