@@ -1038,9 +1038,11 @@ def cancel(args, api_key, lock_path):
 
     with OutputLock(lock_path), stopper.signals_handled():
         asyncio.run(cancel_all())
-    logger.info("#batches of chunk %d of %d: cancelled: %d, already finished: %d, never created: %d; a rerun "
-                "without --batch_cancel keeps what they answered and sends the rest again", args.dataset_batch_id,
-                args.dataset_batch_num, counts["cancelled"], counts["already finished"], counts["not created"])
+    counts["collected"] = sum(1 for entry in record.entries if entry.get("collected"))
+    logger.info("#batches of chunk %d of %d: cancelled: %d, already finished: %d, never created: %d, results "
+                "already in the batch file: %d; a rerun without --batch_cancel keeps what they answered and sends "
+                "the rest again", args.dataset_batch_id, args.dataset_batch_num, counts["cancelled"],
+                counts["already finished"], counts["not created"], counts["collected"])
     return 0
 
 

@@ -459,6 +459,12 @@ def test_batch_cancel_and_a_rerun_keep_what_was_answered(tmp_path, capsys):
         assert len(second.lines) == 6
         assert chats(server)[-1].body["messages"][-1]["content"].split("\n")[1] == f"Question {probed[2:].split('@')[0]}?"
 
+        capsys.readouterr()
+        status, _ = run(tmp_path, server, records, "--batch_cancel")  # after the results were joined
+        assert status == 0
+        assert "cancelled: 0, already finished: 0, never created: 0, results already in the batch file: 2" \
+            in capsys.readouterr().err
+
 
 def test_a_server_without_the_batch_api_stops_with_a_clear_message(tmp_path, fake_openai, capsys):
     fake_openai.batch_api = False
