@@ -6,21 +6,33 @@ per-minute limit), ``x-ratelimit-remaining-*`` (what is left now) and
 ``x-ratelimit-reset-*`` (how long until the bucket is full again). A refused request
 counts against the limit too, so sending until a 429 wastes the budget.
 
-:class:`Pacer` keeps, per dimension (requests, tokens), an estimate of the server's
-bucket: it refills at the known rate, every request this process starts takes its cost
-out, and every reply's headers reset it to what the server said (the server's level when
-that request was admitted, plus the refill since, minus what this process started since).
-When several processes share one key, each reply shows the server's level lower than this
-process's own bookkeeping predicted: the difference is what the others spent. The pacer
-then lowers its *share* of the refill (and raises it again when the server shows more
-than predicted), so N processes settle on about 1/N each without talking to each other.
-A small reserve (the refill of about one reply's latency) absorbs what the others start
-while a reply is on its way.
+:class:`Pacer` keeps, per dimension (requests, tokens), what this process may spend now:
+every request it starts takes its cost out, it refills at this process's *share* of the
+known rate, and every reply resets it to that share of the server's level (the level when
+that request was admitted, plus the refill since) minus what this process started since.
+Claiming only its share of the level is what keeps N processes on one key from all
+spending the same requests: each spends from its own part.
 
-Before any reply has said what the limits are, one request is sent alone (a probe): a
-server without rate-limit headers is then not paced at all. ``rpm`` / ``tpm`` given by
-the user are this process's own budget from the start: the headers (which describe the
-whole key) may lower what it spends, never raise it.
+The share comes from how the server's level moves between this process's own admissions:
+level before - level after + refill = everything the key spent in between; minus what this
+process started = what the others spent; the share is what they leave. N processes see the
+same shortfall (or excess) at once, so each takes up only its own part of it (its part of
+the spending): together they correct the total once, whatever N is, instead of N times over
+(eight processes used to swing between bursts of 429s and idle seconds). A process that
+starts while the bucket is not full may be joining others: it starts at a quarter of the
+refill, spends no more than that refill, and takes its measured share once it has one.
+
+A busy machine delays replies and stalls processes, and must not look like spare room: the
+server is taken to have admitted a request as late as its quickest recent replies allow
+(not at the send: that would count the refill of the delay twice); a reply that came late,
+or after a gap without replies, does not move the share; a wait that overslept does not
+refill what this process may spend (the next reply says what is left of it).
+
+A reserve (two latencies of the refill, at least 0.2 s, split by share) absorbs what the
+others start while the news is on its way. Before any reply has said what the limits are,
+one request is sent alone (a probe): a server without rate-limit headers is then not paced
+at all. ``rpm`` / ``tpm`` given by the user are this process's own budget from the start:
+the headers (which describe the whole key) may lower what it spends, never raise it.
 """
 
 import asyncio
@@ -33,13 +45,20 @@ logger = logging.getLogger(__name__)
 
 DIMENSIONS = ("requests", "tokens")
 MIN_SHARE = 1 / 64  # never assume less than this share of the refill
-SHARE_WINDOW = 2.0  # seconds of replies over which the others' spending is measured
-SHARE_SMOOTHING = 0.2  # how far each reply moves the share towards the measured one
+START_SHARE = 0.25  # the share of a process that starts while others may be spending
+SHARE_WINDOW = 1.0  # seconds of replies (at least two latencies) over which the others' spending is measured
+MIN_SHARE_SPAN = 0.3  # seconds of replies (at least 1.5 latencies) needed to measure it
+SHARE_TIME = 0.5  # seconds over which a measured change of the share is taken up
 REFUSAL_DECREASE = 0.7  # a 429 of the rate limit: take less of the refill
-MIN_SHARE_SPAN = 0.3  # seconds of replies needed before the others' spending is measured
 STALE_SHARE = 2.0  # seconds without a reply after which the others are assumed to slow down
 MAX_SLEEP = 0.25  # the estimate is looked at again at least this often while waiting
-MIN_RESERVE_SECONDS = 0.5  # reserve: at least this many seconds of refill
+MIN_RESERVE_SECONDS = 0.2  # reserve: at least this many seconds of the refill (split by share)
+RECENT_REPLIES = 32  # the reply times from which the server's quickest and typical replies are taken
+LATE_REPLY = 1.5  # a reply slower than this many typical ones (+ LATE_SLACK) came late
+LATE_SLACK = 0.05  # seconds
+REPLY_GAP = 0.5  # seconds without a reply (and 4 usual gaps) that are a stall, not a quiet key
+OVERSLEEP = 0.05  # seconds a wait may overrun before the loop counts as held up
+DRAIN_SECONDS = 0.25  # what may be spent beyond the share's refill goes out over about this long
 
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
@@ -87,7 +106,8 @@ def read_rate_headers(headers):
 
 
 class _Bucket:
-    """This process's estimate of one of the server's buckets."""
+    """What this process may spend of one of the server's buckets (``level``), and its
+    share of the refill."""
 
     def __init__(self, dim, limit=None, fixed=False):
         self.dim = dim
@@ -99,6 +119,8 @@ class _Bucket:
             self.level = limit / 60.0
         self.updated = None
         self.share = 1.0  # the part of the refill left to this process by the others
+        self.measured = None  # admission time of the last measurement of the share taken up
+        self.synced = float("-inf")  # admission time of the reply the level was last reset from
         self.history = collections.deque()  # (admission time, server level) from recent replies
 
     @property
@@ -109,12 +131,23 @@ class _Bucket:
         if self.limit is None:
             return
         if self.updated is not None and self.level is not None:
-            self.level = min(self.capacity, self.level + self.rate * self.share * (now - self.updated))
+            self.level = min(self.capacity, self.level + self.rate * self.share * max(0.0, now - self.updated))
             # No news for a while (nothing of ours in flight): the others may have stopped
             # or slowed down too; let the share drift back to the whole refill.
             if self.history and now - self.history[-1][0] > STALE_SHARE:
                 self.share += (1.0 - self.share) * min(1.0, (now - self.updated) / STALE_SHARE)
         self.updated = now
+
+    def server_level(self, remaining, reset):
+        """The server's level after it admitted our request. ``remaining`` is floored (at 0
+        too, where the bucket owes); the time until full says it to the millisecond where
+        the bucket's size is known."""
+        if reset is None or not self.capacity:
+            return remaining
+        exact = self.capacity - self.rate * reset
+        if remaining >= 1:
+            return min(max(exact, remaining), remaining + 1)
+        return min(exact, 1.0)
 
 
 class Pacer:
@@ -132,20 +165,26 @@ class Pacer:
                         "tokens": _Bucket("tokens", tpm, tpm is not None)}
         self.cooldown_until = 0.0
         self.latency = None  # smoothed seconds from send to reply
+        self.recent = collections.deque(maxlen=RECENT_REPLIES)  # seconds from send to reply, latest replies
+        self.last_reply = None  # when the latest reply came
+        self.reply_gap = None  # smoothed seconds between replies
         self.sent = collections.deque()  # (time, request cost, token cost) of recent starts
         self.headers_seen = False
         self.probe_done = rpm is not None or tpm is not None  # given limits: no probe needed
         self._probe_in_flight = False
+        self._probe_sent_at = None
         self._probe_event = None
         self._lock = None
         self._last_refusal = float("-inf")
+        self._last_start = None  # when the latest request started
 
     # -- sending ------------------------------------------------------------------
 
     def _reserve(self, bucket):
-        """Left in the bucket for what the others start while our news is on its way."""
+        """Left in the bucket for what the others start while our news is on its way: this
+        process's part of the key's reserve."""
         seconds = max(MIN_RESERVE_SECONDS, 2 * (self.latency or 0.0))
-        return min(bucket.rate * seconds, 0.5 * (bucket.capacity or 0))
+        return min(bucket.share * bucket.rate * seconds, 0.5 * (bucket.capacity or 0))
 
     def _wait_needed(self, now, costs):
         """Seconds to wait before a request of ``costs`` may start (0 when it may now)."""
@@ -154,34 +193,61 @@ class Pacer:
             if bucket.limit is None or bucket.level is None:
                 continue
             bucket.refill(now)
-            need = min(costs[dim], bucket.capacity) + self._reserve(bucket)
+            cost = min(costs[dim], bucket.capacity)
+            need = cost + self._reserve(bucket)
             if bucket.level < need:
                 wait = max(wait, (need - bucket.level) / (bucket.rate * bucket.share))
+            elif self._last_start is not None:
+                # Evenly spaced, at this process's share of the refill plus what it may spend
+                # beyond that spread over DRAIN_SECONDS: a level it may claim at once (after a
+                # stall, when its share rose) goes out over a moment in which the others'
+                # replies can show it, not in one burst on news that may be stale.
+                pace = bucket.rate * bucket.share + (bucket.level - need) / DRAIN_SECONDS
+                wait = max(wait, self._last_start + cost / pace - now)
         return wait
 
     async def acquire(self, tokens=0, stopping=None):
         """Wait until a request costing one request and ``tokens`` tokens may start; take
         its cost out of the buckets; return the start time (pass it to :meth:`observe`).
-        ``stopping()`` true ends the wait early (the caller then does not send)."""
+        ``stopping()`` true ends the wait early, the wait for the probe's reply too: the
+        caller then does not send, and nothing is taken."""
         if self._lock is None:
             self._lock = asyncio.Lock()
             self._probe_event = asyncio.Event()
         costs = {"requests": 1.0, "tokens": float(tokens)}
         async with self._lock:  # one waiter at a time: requests start in order, evenly spaced
             while not self.probe_done and self._probe_in_flight:
-                await self._probe_event.wait()
+                if stopping is not None and stopping():
+                    return self.clock()
+                try:
+                    await asyncio.wait_for(self._probe_event.wait(), MAX_SLEEP)
+                except TimeoutError:
+                    pass  # look at stopping() again
             while True:
                 now = self.clock()
+                if stopping is not None and stopping():
+                    return now
                 wait = self._wait_needed(now, costs)
-                if wait <= 0 or (stopping is not None and stopping()):
+                if wait <= 0:
                     break
-                await asyncio.sleep(min(wait, MAX_SLEEP))
+                asked = min(wait, MAX_SLEEP)
+                await asyncio.sleep(asked)
+                overslept = self.clock() - now - asked
+                if overslept > OVERSLEEP:
+                    # The loop was held up (a busy machine): what the others spent meanwhile is
+                    # unknown, so the refill of that time is not spent at once; the next reply
+                    # says what is left of it.
+                    for bucket in self.buckets.values():
+                        if bucket.updated is not None:
+                            bucket.updated = max(bucket.updated, now + overslept)
             for dim, bucket in self.buckets.items():
                 if bucket.level is not None:
                     bucket.level -= costs[dim]
             self.sent.append((now, costs["requests"], costs["tokens"]))
+            self._last_start = now
             if not self.probe_done:
                 self._probe_in_flight = True
+                self._probe_sent_at = now
             return now
 
     # -- replies ------------------------------------------------------------------
@@ -206,43 +272,76 @@ class Pacer:
         while self.sent and self.sent[0][0] < horizon:
             self.sent.popleft()
 
+    def _timing(self, now, sent_at):
+        """(when the server admitted the request, as late as it can have; whether the reply
+        came late or after a stall, so that it says nothing reliable about the others)."""
+        elapsed = max(0.0, now - sent_at)
+        self.latency = elapsed if self.latency is None else 0.8 * self.latency + 0.2 * elapsed
+        self.recent.append(elapsed)
+        ordered = sorted(self.recent)
+        quickest, typical = ordered[len(ordered) // 10], ordered[len(ordered) // 2]
+        stalled = False
+        if self.last_reply is not None:
+            gap = now - self.last_reply
+            # A long silence while this request was on its way: the machine or the server
+            # stalled (a silence because nothing was sent is no stall).
+            stalled = sent_at < self.last_reply and gap > max(REPLY_GAP, 4 * (self.reply_gap or 0.0))
+            self.reply_gap = gap if self.reply_gap is None else 0.8 * self.reply_gap + 0.2 * gap
+        self.last_reply = now
+        # Between the send and the reply less the server's quickest answer: the latest time
+        # is the safe one, a reply held up on the way must not count the delay's refill twice.
+        admitted = max(sent_at, now - quickest)
+        late = elapsed > LATE_REPLY * typical + LATE_SLACK
+        return admitted, late or stalled, stalled
+
     def observe(self, headers, sent_at):
         """Bring the estimate in step with a reply's ``x-ratelimit-*`` headers (any status)."""
         now = self.clock()
-        elapsed = max(0.0, now - sent_at)
-        self.latency = elapsed if self.latency is None else 0.8 * self.latency + 0.2 * elapsed
+        admitted, unreliable, stalled = self._timing(now, sent_at)
         described = read_rate_headers(headers) if headers is not None else {}
         if described:
             self.headers_seen = True
         for dim, (limit, remaining, reset) in described.items():
             bucket = self.buckets[dim]
             if bucket.fixed:
-                self._observe_fixed(bucket, dim, now, elapsed, sent_at, limit, remaining, reset)
+                self._observe_fixed(bucket, dim, now, max(0.0, now - sent_at), sent_at, limit, remaining, reset)
                 continue
+            if admitted <= bucket.synced:  # older than the reply the level was last reset from
+                continue
+            bucket.synced = admitted
             bucket.limit = limit
-            level = remaining  # the server's level when it admitted this request
-            if reset is not None:
-                if remaining >= 1:  # remaining + the refill until full = the bucket's size
-                    bucket.capacity = min(bucket.limit, max(remaining + bucket.rate * reset, 1.0))
-                elif bucket.capacity:  # remaining is floored at 0: the reset shows a debt
-                    level = min(0.0, bucket.capacity - bucket.rate * reset)
+            if reset is not None and remaining >= 1:
+                # remaining (floored) + the refill until full = the bucket's size, up to one
+                # short: where that is within one of the limit, the size is the limit.
+                size = remaining + bucket.rate * reset
+                bucket.capacity = limit if size > limit - 1.01 else min(limit, max(size, 1.0))
             if bucket.capacity is None:
                 bucket.capacity = bucket.limit
-            self._estimate_share(bucket, dim, sent_at, level)
+            level = bucket.server_level(remaining, reset)  # when it admitted our request
+            if not self.probe_done and level < bucket.capacity - 1:
+                bucket.share = START_SHARE  # not full: others may be spending; measure first
+            if stalled:
+                bucket.history.clear()  # a measurement across a stall would show room that is not there
+            if not unreliable:
+                self._estimate_share(bucket, dim, admitted, level)
             bucket.refill(now)
-            # Our share of that level and of the refill since, minus what we started since:
-            # claiming only a share of what is there keeps N processes from all spending it.
+            # Our share of that level and of the refill since, minus what we started since
+            # the send (those the server had not counted then): claiming only a share of what
+            # is there keeps N processes from all spending it.
             since = self._sent_since(sent_at)[dim]
-            server_now = min(bucket.capacity, level + bucket.rate * elapsed)
-            bucket.level = bucket.share * server_now - since
+            server_now = min(bucket.capacity, level + bucket.rate * (now - admitted))
+            claim = bucket.share * server_now - since
+            if bucket.measured is None and bucket.level is not None:
+                bucket.level = min(bucket.level, claim)  # share not measured yet: only its refill
+            else:
+                bucket.level = claim
         self._forget_old_sends(now)
         self._end_probe()
 
     def _observe_fixed(self, bucket, dim, now, elapsed, sent_at, limit, remaining, reset):
         """A limit given by flag stays this process's own budget; the server's headers (which
         describe the whole key) may only lower what it may spend now, never raise it."""
-        if limit < bucket.limit:  # the server allows less than the flag: its limit binds
-            bucket.limit = limit
+        bucket.limit = min(bucket.limit, limit)  # the server allows less than the flag: its limit binds
         bucket.refill(now)
         server_rate = limit / 60.0
         capacity = remaining + server_rate * reset if reset is not None else float(limit)
@@ -256,30 +355,36 @@ class Pacer:
         """What the others spend, from how the server's level moved between two of our
         admissions: level before - level after + refill = everything spent in between;
         minus what we started in between = the others'."""
-        window = max(SHARE_WINDOW, 4 * (self.latency or 0.0))
+        window = max(SHARE_WINDOW, 2 * (self.latency or 0.0))
         history = bucket.history
         history.append((admitted, level))
         while len(history) > 2 and history[1][0] <= admitted - window:
             history.popleft()
         first_at, first_level = history[0]
         span = admitted - first_at
-        if span < max(MIN_SHARE_SPAN, 2 * (self.latency or 0.0)):
+        if span < max(MIN_SHARE_SPAN, 1.5 * (self.latency or 0.0)):
             return
+        ours = self._spent_between(first_at, admitted)[dim]
         slack = max(1.0, 0.002 * bucket.limit)
         if max(lvl for _, lvl in history) >= bucket.capacity - slack:
             others = 0.0  # the bucket was full: whatever the others spend, it holds nobody back
         else:
-            spent = first_level - level + bucket.rate * span
-            ours = self._spent_between(first_at, admitted)[dim]
-            others = max(0.0, (spent - ours) / span)
-        share = min(1.0, max(MIN_SHARE, 1.0 - others / bucket.rate))
-        bucket.share += SHARE_SMOOTHING * (share - bucket.share)
+            others = max(0.0, first_level - level + bucket.rate * span - ours)
+        room = min(1.0, max(MIN_SHARE, 1.0 - others / (bucket.rate * span)))
+        # Every process on the key sees the same shortfall or excess: each takes up its own
+        # part of it (its part of the spending), so that together they correct it once.
+        part = ours / (ours + others) if ours + others > 0 else 1.0
+        gain = 1.0 if bucket.measured is None else min(1.0, (admitted - bucket.measured) / SHARE_TIME)
+        bucket.measured = admitted
+        bucket.share = max(MIN_SHARE, bucket.share + gain * part * (room - bucket.share))
 
     def refused(self, sent_at, retry_after=None):
-        """A 429 of the rate limit (after :meth:`observe` of its headers): pause everyone for
-        ``retry_after`` seconds when the server says so."""
+        """A 429 of the rate limit (after :meth:`observe` of its headers): take less of the
+        refill; pause everyone for ``retry_after`` seconds when the server says so."""
         now = self.clock()
-        if sent_at > self._last_refusal:  # once per round trip: the 429s of one burst are one signal
+        # Once per round trip: the 429s of one burst are one signal. The probe's is none (it
+        # is sent before anything is known, into a bucket that may well be empty).
+        if sent_at > self._last_refusal and sent_at != self._probe_sent_at:
             self._last_refusal = now
             for bucket in self.buckets.values():
                 bucket.share = max(MIN_SHARE, bucket.share * REFUSAL_DECREASE)

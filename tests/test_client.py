@@ -21,7 +21,7 @@ import reformat
 from realign.cache import Cache, request_key
 from realign.client import Adapter, OpenAITransport, refused_field
 from realign.engine import Refusal
-from realign.pacing import Pacer, parse_reset
+from realign.pacing import parse_reset
 from realign.pricing import Budget, BudgetReached, Spend, find_price, price_of_run
 from realign.records import InputError
 
@@ -197,34 +197,6 @@ def test_reset_durations_are_read_as_openai_writes_them(text, seconds):
     assert parse_reset(text) == seconds
 
 
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
-def headers(limit, remaining, reset):
-    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(remaining),
-            "x-ratelimit-reset-requests": reset}
-
-
-def test_the_pacer_takes_the_share_the_others_leave():
-    """60 requests/min (1 a second); the server's level, reported at each of our admissions,
-    falls by 3 a second more than our own requests explain: the others spend 3 of every 4."""
-    clock = Clock()
-    pacer = Pacer(clock=clock)
-    level = 30.0
-    for second in range(8):
-        sent = asyncio.run(pacer.acquire())
-        level += 1 - 1 - 3  # refill 1, our request 1, the others' 3
-        clock.now += 1.0
-        pacer.observe(headers(60, max(level, 0), f"{(60 - level):.0f}s"), sent)
-    assert pacer.limits() == {"requests": 60.0, "tokens": None}
-    assert pacer.buckets["requests"].share < 0.5  # from 1.0 towards 1/4
-
-
 @pytest.mark.slow
 def test_pacing_against_a_rate_limited_server_gets_almost_no_429(tmp_path, fake_openai, caplog):
     fake_openai.set_rate_limits(rpm=600, initial=0.0)  # 10 a second, from an empty bucket
@@ -395,16 +367,3 @@ def test_the_budget_counts_the_requests_in_flight_and_learns_longer_replies():
     assert budget.ratio() == 2.0
     assert budget.estimate(1, 1) == 3.0  # 1 in + 1 x 2 out
     budget.settle(second)
-
-
-def test_a_limit_given_by_flag_is_not_raised_by_the_headers_of_a_larger_key():
-    clock = Clock()
-    pacer = Pacer(rpm=600, clock=clock)  # this process's part: 10 a second, it starts with 10
-    sent = asyncio.run(pacer.acquire())
-    clock.now += 0.2
-    pacer.observe(headers(60000, 50000, "10s"), sent)  # the key as a whole has plenty
-    assert pacer.limits()["requests"] == 600
-    assert pacer.buckets["requests"].level == pytest.approx(10 - 1 + 0.2 * 10)  # its own budget
-    clock.now += 0.2
-    pacer.observe(headers(300, 0, "61s"), sent)  # the server's limit is lower still: it wins
-    assert pacer.limits()["requests"] == 300 and pacer.buckets["requests"].level < 0
