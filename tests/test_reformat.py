@@ -587,7 +587,7 @@ def test_a_changed_format_redoes_only_its_task_and_changed_sampling_redoes_every
     assert done.returncode == 0, done.stderr
     asked = sorted(int(user_text_of(r.body).split("\n")[1].split()[-1].rstrip("?")) for r in chats(fake_openai))
     assert asked == [0, 1, 2, 3]  # only the open_qa records, whose format changed
-    assert "4 lines were made with other settings" in done.stderr
+    assert "4 finished lines were made with other settings" in done.stderr
     lines = read_batch(tmp_path / "out" / "rewrite_data_0_of_1_batch.jsonl")
     assert sorted(line["id"] for line in lines) == list(range(8))  # one line per id, none of the old settings
 
@@ -601,7 +601,7 @@ def test_a_changed_format_redoes_only_its_task_and_changed_sampling_redoes_every
         status, lines = run(tmp_path, fake_openai, records, "--top_k", "3", "--model", "gpt-6-sol")
     assert status == 0 and len(chats(fake_openai)) == 8
     assert {r.body["model"] for r in chats(fake_openai)} == {"gpt-6-sol"}
-    assert "8 lines were made with other settings" in caplog.text
+    assert "8 finished lines were made with other settings" in caplog.text
     assert sorted(line["id"] for line in lines) == list(range(8))
 
 
