@@ -5,9 +5,10 @@ Usage:
     .venv/bin/python benchmarks/bench_cache.py --records 20000
 
 1. A hit: a request the engine (``realign.engine.send_requests``) answers from the cache
-   (key of the whole request body, SQLite lookup off the event loop, decompression, JSON,
-   reformat's judgement of the candidates), timed with ``time.process_time`` over --hits
-   requests on a cache of --records entries.
+   (building the request, key of the whole request body, SQLite lookup off the event loop,
+   decompression, JSON), timed with ``time.process_time`` over --hits requests on a cache of
+   --records entries: once with the reply handed on as it is, once judged as reformat.py
+   does (the quality checks of its two candidates).
 2. A rerun into a fresh folder: the fake OpenAI server is started in its own process, the
    cache is filled with the replies it would give to reformat.py's requests for --records
    synthetic records (the same keys reformat.py computes), then ``reformat.py`` runs on them
@@ -68,8 +69,9 @@ def fill_cache(cache_dir, records, base_url):
     return args, sampling
 
 
-def time_hits(cache_dir, records, base_url, args, sampling, hits):
-    """CPU per request the engine answers from the cache, the reply judged as reformat.py does."""
+def time_hits(cache_dir, records, base_url, args, sampling, hits, judge=True):
+    """CPU per request the engine answers from the cache, the reply judged as reformat.py does
+    (unless not ``judge``: then the reply is handed on as it is)."""
     import reformat
     from realign.cache import Cache
     from realign.client import OpenAITransport
@@ -79,8 +81,7 @@ def time_hits(cache_dir, records, base_url, args, sampling, hits):
 
     def request(record):
         def on_reply(reply):
-            judged = reformat.judge_candidates(record, reformat.reply_choices(reply))
-            used.append(judged)
+            used.append(reformat.judge_candidates(record, reformat.reply_choices(reply)) if judge else reply)
             return True
         return Request(rewrite_request(args, sampling, record), on_reply)
 
@@ -109,9 +110,12 @@ def main(argv=None):
         args_, sampling = fill_cache(cache_dir, records, base_url)
         print(f"filled the cache with {len(records):,} replies in {time.perf_counter() - started:.1f} s "
               f"({os.path.getsize(os.path.join(cache_dir, 'requests.sqlite3')) / 2**20:.0f} MiB)", flush=True)
-        per_hit = time_hits(cache_dir, records, base_url, args_, sampling, min(args.hits, len(records)))
-        print(f"cache hit through the engine: {per_hit * 1000:.3f} ms of CPU per hit "
-              f"({min(args.hits, len(records)):,} hits)", flush=True)
+        hits = min(args.hits, len(records))
+        bare = time_hits(cache_dir, records, base_url, args_, sampling, hits, judge=False)
+        per_hit = time_hits(cache_dir, records, base_url, args_, sampling, hits)
+        print(f"cache hit through the engine: {bare * 1000:.3f} ms of CPU per hit, the reply handed on as it is; "
+              f"{per_hit * 1000:.3f} ms with reformat's checks of its two candidates ({hits:,} hits each)",
+              flush=True)
 
         input_path = os.path.join(workdir, "input.json")
         with open(input_path, "w", encoding="utf-8") as f:

