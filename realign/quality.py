@@ -5,9 +5,11 @@ a few recognisable ways, each caught here by one function on literal text:
 
 - ``cut_off``: the reply ran into the output cap (its end is missing);
 - ``unparsable``: the reply did not follow the reply protocol;
-- ``loop``: the same line or sentence again and again (a repetition loop);
-- ``leftover``: the reply protocol ("Reasoning:", "Revised response:") or talk about the
-  task ("this revised response follows the target format") inside the response;
+- ``loop``: the same line or sentence again and again, or a phrase of a few words many
+  times in a row (a repetition loop);
+- ``leftover``: the reply protocol ("Reasoning:", "Revised response:"), talk about the task
+  ("this revised response follows the target format") or a sentence of the task's format
+  ("The question asks which language a text is written in.") inside the response;
 - ``flipped_verdict``: a true/false, yes/no or letter answer turned into another one;
 - ``lost_answer``: the original's final answer is missing (``####``, ``\\boxed{}``, "the
   answer is X", a math task's result, or the whole of a short original or of a corrected,
@@ -29,6 +31,8 @@ everywhere.
 import functools
 import re
 
+import constant
+
 # Names of the checks, in the order they are reported.
 CUT_OFF = "cut_off"
 UNPARSABLE = "unparsable"
@@ -41,6 +45,9 @@ ANSWER_TASKS = ("math_puzzles", "exam_problem_solving_tutor")  # tasks whose res
 # first"): the rewrite must hold all of its words, in order, however long it is.
 TEXT_ANSWER_TASKS = ("text_correction", "language_polishing", "instructional_rewriting", "text_to_text_translation")
 LOOP_MIN_REPEATS = 3  # a line or sentence this many times (and more often than in the original)
+PHRASE_MAX_WORDS = 4  # a phrase of up to this many words ...
+PHRASE_MIN_REPEATS = 4  # ... this many times in a row is a loop ("science and science, science and science, ...")
+FORMAT_SENTENCE_MIN_WORDS = 5  # a sentence of the task's format this long, copied into a rewrite, is a leftover
 LOOP_MIN_WORDS = 3  # shorter lines (headings, "Mars") may repeat legitimately
 LOOP_NGRAM = 6
 LOOP_MIN_TEXT_WORDS = 60
@@ -318,9 +325,27 @@ def names_in(text):
 # Each takes the rewrite first and returns something true when the rewrite fails it.
 
 
+@memo
+def phrase_repeats(text):
+    """The most times a phrase of 1 to :data:`PHRASE_MAX_WORDS` words of ``text`` comes in a
+    row ("no no no" is 3)."""
+    words = words_of(text)
+    most = 1
+    for size in range(1, PHRASE_MAX_WORDS + 1):
+        run = 0  # words equal to the word ``size`` places on, in a row
+        for same in map(str.__eq__, words, words[size:]):
+            run = run + 1 if same else 0
+            most = max(most, 1 + run // size)
+    return most
+
+
 def has_loop(rewrite, original=""):
-    """A line or sentence repeated :data:`LOOP_MIN_REPEATS` times or more (more often than
-    in the original), or a long text whose 6-word sequences mostly repeat."""
+    """A line or sentence repeated :data:`LOOP_MIN_REPEATS` times or more, or a phrase of a
+    few words :data:`PHRASE_MIN_REPEATS` times in a row (each more often than in the
+    original), or a long text whose 6-word sequences mostly repeat."""
+    repeats = phrase_repeats(rewrite)
+    if repeats >= PHRASE_MIN_REPEATS and repeats > phrase_repeats(original):
+        return True
     most, counts = repeated_units(rewrite)
     if most >= LOOP_MIN_REPEATS:
         _, original_counts = repeated_units(original)
@@ -333,11 +358,25 @@ def has_loop(rewrite, original=""):
     return share >= LOOP_REPEATED_SHARE and share > repeated_ngram_share(original) + 0.15
 
 
-def protocol_leftover(rewrite, original="", question=""):
-    """The reply protocol's markers, or the prompt's talk about the task, in the rewrite
-    (and in neither the original nor the question): the matched text, else None."""
+@memo
+def format_sentences(task_format):
+    """The sentences of a task's format (list numbering taken out) of
+    :data:`FORMAT_SENTENCE_MIN_WORDS` words or more, as :func:`_unit` writes them."""
+    units = (_unit(piece) for piece in SENTENCE_SPLIT_RE.split(without_list_numbers(task_format)))
+    return tuple(unit for unit in units if unit.count(" ") >= FORMAT_SENTENCE_MIN_WORDS - 1)
+
+
+def protocol_leftover(rewrite, original="", question="", task_format=""):
+    """The reply protocol's markers, the prompt's talk about the task, or a sentence of the
+    task's format, in the rewrite (and in neither the original nor the question): the
+    matched text, else None."""
     source = f"{question}\n{original}".lower()
     lower = rewrite.lower()
+    if task_format:
+        plain = " ".join(MARKUP_RE.sub(" ", lower).split())
+        for sentence in format_sentences(task_format):
+            if sentence in plain and sentence not in " ".join(MARKUP_RE.sub(" ", source).split()):
+                return sentence
     for pattern, triggers in ((REASONING_MARKER_RE, ("reasoning",)), (REVISED_MARKER_RE, ("revised",)),
                               (TASK_TALK_RE, TASK_TALK_WORDS)):
         if not any(trigger in lower for trigger in triggers):
@@ -518,7 +557,7 @@ def find_problems(rewrite, original, question="", evidence=(), category=None):
         return []
     found = {
         "loop": has_loop(rewrite, original),
-        "leftover": protocol_leftover(rewrite, original, question),
+        "leftover": protocol_leftover(rewrite, original, question, constant.STRUCTURE.get(category, "")),
         "lost_number": lost_numbers(rewrite, original),
         "lost_answer": lost_answer(rewrite, original, category),
         "lost_code": lost_code(rewrite, original),

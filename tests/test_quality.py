@@ -2,6 +2,7 @@
 
 import pytest
 
+import constant
 from realign import quality
 
 FARMER_Q = ("A farmer has some chickens and some cows. Together they have 30 heads and 74 legs. "
@@ -57,6 +58,18 @@ def test_short_lines_may_repeat():
     assert not quality.has_loop("**Yes**\n\n**Yes**\n\n**Yes**", "Yes")
 
 
+def test_a_phrase_four_times_in_a_row_is_a_loop():
+    # SmolLM2-135M's rewrite of "Technology" (topic_classification).
+    looping = ("The topic of technology is science and technology, science and science, science and science, "
+               "science and science, science and science")
+    assert quality.phrase_repeats(looping) == 4
+    assert quality.has_loop(looping, "Technology")
+    assert quality.phrase_repeats("No, no, no: the cat sat on the mat.") == 3
+    assert not quality.has_loop("No, no, no: the cat sat on the mat.", "No. The cat sat on the mat.")
+    chant = "Go team go team go team go team!"
+    assert not quality.has_loop(chant + " We won.", chant)  # the original already chanted
+
+
 # -- protocol leftovers and talk about the task --------------------------------------------
 
 @pytest.mark.parametrize("rewrite", [
@@ -68,6 +81,18 @@ def test_short_lines_may_repeat():
 ])
 def test_protocol_leftovers_are_found(rewrite):
     assert quality.protocol_leftover(rewrite, FARMER, FARMER_Q)
+
+
+def test_a_sentence_of_the_tasks_format_copied_into_the_rewrite_is_a_leftover():
+    task_format = constant.STRUCTURE["language_classification"]
+    assert quality.format_sentences(task_format)[0] == "the question asks which language a text is written in"
+    copied = "The question asks which language a text is written in. The answer is German."  # SmolLM2-135M's
+    assert quality.protocol_leftover(copied, "German", "What language is this?", task_format) == (
+        "the question asks which language a text is written in")
+    assert quality.protocol_leftover("**German.** The verbs and 'Ich' give it away.", "German", "What language?",
+                                     task_format) is None
+    assert quality.find_problems(copied, "German", "What language is this?",
+                                 category="language_classification") == ["leftover"]
 
 
 def test_words_that_the_original_or_question_use_are_no_leftover():
