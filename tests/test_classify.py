@@ -117,6 +117,7 @@ def test_progress_file_sits_next_to_the_output():
     assert classify.progress_path_for("out/classified.json") == "out/classified_progress.jsonl"
 
 
+@pytest.mark.slow
 def test_long_query_is_shortened_keeping_start_end_and_template(tiny_tokenizer):
     fit = classify.PromptFitter(tiny_tokenizer, 700)
     short = "What is the capital of France?"
@@ -132,6 +133,7 @@ def test_long_query_is_shortened_keeping_start_end_and_template(tiny_tokenizer):
         classify.PromptFitter(tiny_tokenizer, 300)
 
 
+@pytest.mark.slow
 def test_choice_trie_only_allows_task_names(tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
     trie = classify.build_choice_trie(tiny_tokenizer, NAMES, eos)

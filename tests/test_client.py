@@ -264,6 +264,7 @@ def open_at_once(directory, barrier, worker):
         cache.put(f"w{worker}", {"worker": worker})
 
 
+@pytest.mark.slow
 def test_processes_creating_one_cache_at_the_same_moment_all_open_it(tmp_path):
     # Before the database is in WAL mode SQLite refuses some of them at once ("database is
     # locked"); without the retry, 10 of 40 rounds of six processes had such a refusal here.

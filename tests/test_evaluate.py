@@ -408,6 +408,7 @@ def check_png(path):
     assert imread(path).shape[:2] == (height, width)
 
 
+@pytest.mark.slow
 def test_main_end_to_end(tmp_path, caplog):
     original_path, final_path = inputs(tmp_path)
     out, report, plot = tmp_path / "out" / "eval.json", tmp_path / "out" / "eval.md", tmp_path / "out" / "eval.png"
@@ -456,6 +457,7 @@ def judge_reply(body, choice_index):
     return "[[B]]" if "Answer B start]\none two three four five six" in text else "[[A]]"
 
 
+@pytest.mark.slow
 def test_main_with_judges_against_the_fake_server(tmp_path, fake_openai, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-judge-secret-77")
     original_path, final_path = inputs(tmp_path)
@@ -595,6 +597,7 @@ def test_factuality_needs_references_and_outputs_must_not_overwrite_inputs(tmp_p
     assert Path(final_path).read_text(encoding="utf-8") == before
 
 
+@pytest.mark.slow
 def test_tokenizer_path_counts_lengths_in_tokens(tmp_path, tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -611,6 +614,7 @@ def test_tokenizer_path_counts_lengths_in_tokens(tmp_path, tiny_tokenizer_dir):
     assert record["edit_rate"] == 0.5  # edit rates stay in words
 
 
+@pytest.mark.slow
 def test_a_tokenizer_that_cannot_load_is_bad_input(tmp_path, capsys):
     original_path, final_path = inputs(tmp_path)
     out = tmp_path / "e.json"

@@ -243,6 +243,7 @@ def test_serper_wrong_or_missing_key_gives_403(fake_serper):
 # -- the demo's stand-ins (realign/demo.py) ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_demo_stand_ins_answer_the_real_clients():
     from realign.demo import StandIn
 

@@ -187,6 +187,7 @@ def seed_command(out, tokenizer_dir, *model):
             *model, "--temperature", "0.3", "--top_p", "1", "--target_length", "4096"]
 
 
+@pytest.mark.slow
 def test_the_seed_command_names_the_shut_down_model_and_works_with_the_default(
         tmp_path, fake_openai, tiny_tokenizer_dir, monkeypatch, caplog, capsys):
     monkeypatch.delenv("OPENAI_API_KEY")

@@ -300,6 +300,7 @@ def test_the_default_preset_is_open_platypus(tmp_path):
     assert [r.get("reject_reason") for r in json.loads(out.read_text())] == PRESET_VERDICTS["open_platypus"][0]
 
 
+@pytest.mark.slow
 def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tiny_tokenizer_dir, caplog):
     # 'zzzz...' is one word but many tokens of the tiny BPE: the unit decides the verdict.
     originals = [record(1, "q", "zqzqzqzqzqzqzqzqzqzqzqzqzqzqzq"), record(2, "q", "one two three four")]
@@ -315,6 +316,7 @@ def test_lengths_in_tokens_with_a_tokenizer(tmp_path, tiny_tokenizer_dir, caplog
     assert [r["tag"] for r in json.loads(out.read_text())] == ["rewrite", "rewrite"]  # 2 words > 0.5 * 1
 
 
+@pytest.mark.slow
 def test_batched_lengths_match_one_call_per_record(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
