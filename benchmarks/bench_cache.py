@@ -29,9 +29,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the fake servers live with the tests
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from fake_servers import default_chat_reply, spawn, stop_spawned  # noqa: E402
 from synthetic import rewrite_records  # noqa: E402
 
-from fake_servers import default_chat_reply, spawn, stop_spawned  # noqa: E402
 
 def synthetic_records(n):
     return rewrite_records(n, 120)
