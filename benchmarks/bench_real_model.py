@@ -69,6 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from real_model import GGUF_NAME, PIP_INSTALL, SERVED_NAME, convert_to_hf, serve
 
+from realign.demo import LocalServer
 from realign.quality import CHECKS
 
 logger = logging.getLogger("bench_real_model")
@@ -203,7 +204,7 @@ def run_arm(arm, tree, base_url, input_path, folder, temperature):
 # -- capturing the replies -------------------------------------------------------------------
 
 
-class CaptureProxy:
+class CaptureProxy(LocalServer):
     """A loopback HTTP proxy in front of the model server that appends every chat completion
     (request messages, each choice's text as the model wrote it, its finish_reason) to the
     JSONL file of :meth:`capture_to`; reformat.py keeps only the parsed candidates."""
@@ -234,13 +235,11 @@ class CaptureProxy:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     @property
     def base_url(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def send(self, path, body):
         """``(status, payload, content type)`` of the upstream's answer to the request."""
@@ -279,15 +278,6 @@ class CaptureProxy:
             finally:
                 with self.lock:
                     self.log = None
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def judged_replies(capture_path, input_path):
     """One entry per captured candidate: the record's id and category, the request's reply

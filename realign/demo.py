@@ -149,21 +149,18 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class StandIn:
-    """One stand-in server in a daemon thread: ``with StandIn("openai") as openai: openai.url``."""
+class LocalServer:
+    """An HTTP server on 127.0.0.1 with ``handler``, in a daemon thread while the ``with``
+    block runs (``port`` 0: a free one)."""
 
-    def __init__(self, kind, port=0):
-        self.kind = kind
-        self.server = ThreadingHTTPServer((HOST, port), Handler)
-        self.server.kind = kind
+    def __init__(self, handler, port=0):
+        self.server = ThreadingHTTPServer((HOST, port), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
-    def url(self):
-        """The base URL a client is given: ``.../v1`` for OpenAI, the search endpoint for Serper."""
-        port = self.server.server_address[1]
-        return f"http://{HOST}:{port}/v1" if self.kind == "openai" else f"http://{HOST}:{port}/search"
+    def port(self):
+        return self.server.server_address[1]
 
     def __enter__(self):
         self.thread.start()
@@ -172,6 +169,20 @@ class StandIn:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+class StandIn(LocalServer):
+    """One stand-in server in a daemon thread: ``with StandIn("openai") as openai: openai.url``."""
+
+    def __init__(self, kind, port=0):
+        super().__init__(Handler, port)
+        self.kind = kind
+        self.server.kind = kind
+
+    @property
+    def url(self):
+        """The base URL a client is given: ``.../v1`` for OpenAI, the search endpoint for Serper."""
+        return f"http://{HOST}:{self.port}/v1" if self.kind == "openai" else f"http://{HOST}:{self.port}/search"
 
 
 def main(argv=None):

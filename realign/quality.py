@@ -373,9 +373,9 @@ def protocol_leftover(rewrite, original="", question="", task_format=""):
     source = f"{question}\n{original}".lower()
     lower = rewrite.lower()
     if task_format:
-        plain = " ".join(MARKUP_RE.sub(" ", lower).split())
+        plain, plain_source = (" ".join(MARKUP_RE.sub(" ", text).split()) for text in (lower, source))
         for sentence in format_sentences(task_format):
-            if sentence in plain and sentence not in " ".join(MARKUP_RE.sub(" ", source).split()):
+            if sentence in plain and sentence not in plain_source:
                 return sentence
     for pattern, triggers in ((REASONING_MARKER_RE, ("reasoning",)), (REVISED_MARKER_RE, ("revised",)),
                               (TASK_TALK_RE, TASK_TALK_WORDS)):
