@@ -28,6 +28,7 @@ order of :data:`CHECKS`. reformat.py uses it to choose among candidates, the fil
 everywhere.
 """
 
+import collections
 import functools
 import re
 
@@ -63,12 +64,20 @@ UNGROUNDED_MIN_ORIGINAL = 20  # content words of an original below which the che
 CODE_FENCE_RE = re.compile(r"```[^\n`]*\n?([\s\S]*?)```")
 # A number as answers write it: thousands separators, decimals; not glued to a preceding letter
 # (CO2, x86, H2O are names) and with a minus only where it is not a range's dash (3-5).
-NUMBER_RE = re.compile(r"(?<![A-Za-z_\d.,])(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?")
+# (The lookahead first lets the search skip the positions where no number can start.)
+NUMBER_RE = re.compile(r"(?=[-\d])(?<![A-Za-z_\d.,])(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?")
 LIST_NUMBER_RE = re.compile(r"^[ \t>*_#-]*\(?\d+[.)](?=\s)", re.MULTILINE)  # "1. ", "2) ": list numbering
 WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 TOKEN_RE = re.compile(r"[^\W_]+")
-SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
-MARKUP_RE = re.compile(r"[*_`#>|]+")
+# ASCII text is read faster, to the same words: its bytes translated (a byte that cannot be
+# part of a word becomes a space), then split; only a run with an apostrophe goes through
+# the regex (an apostrophe belongs to a word only between two letters).
+ASCII_WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+WORD_BYTES = bytes(byte if chr(byte).isascii() and (chr(byte).isalpha() or chr(byte) == "'") else 32
+                   for byte in range(256))
+TOKEN_BYTES = bytes(byte if chr(byte).isascii() and chr(byte).isalnum() else 32 for byte in range(256))
+SENTENCE_END_RE = re.compile(r"([.!?])\s+")  # a sentence's end and the spaces after it
+MARKUP = str.maketrans(dict.fromkeys("*_`#>|", " "))  # markdown's marks, read as spaces
 REASONING_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*reasoning[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
                                  re.IGNORECASE)
 # "Revised response:" as models write it: any case, optionally wrapped in markdown emphasis
@@ -77,16 +86,22 @@ REASONING_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*reasoning[ \t]*(?:(?P=
 REVISED_MARKER_RE = re.compile(r"(?P<em>[*_]{0,3})[ \t]*revised[ \t]+response[ \t]*(?:(?P=em)[ \t]*:|:[ \t]*(?P=em))",
                                re.IGNORECASE)
 # Talk about the task instead of the answer: the prompt's own words coming back.
+FORMAT_TALK = ("target", "required", "requested", "specified", "desired", "given", "new")  # ... format / structure
+RESPONSE_TALK = ("revised", "reformatted", "rewritten", "original")  # ... response / answer
+PROMPT_TAGS = ("question", "original response", "target format", "evidence")  # [... start] / [... end]
 TASK_TALK_RE = re.compile(
-    r"(?=[tgrsdnofc\[])"  # the first letters of the phrases below: the other positions are passed at once
-    r"(?:\b(?:target|required|requested|specified|desired|given|new) (?:format|structure)\b"
-    r"|\b(?:revised|reformatted|rewritten|original) (?:response|answer)\b"
+    rf"\b(?:{'|'.join(FORMAT_TALK)}) (?:format|structure)\b"
+    rf"|\b(?:{'|'.join(RESPONSE_TALK)}) (?:response|answer)\b"
     r"|\bfollows? the (?:\w+ )?format\b"
     r"|\bchange only the format\b"
     r"|\bthe (?:final |correct )?answer is[\s:.]*$"  # announcing an answer that never comes
-    r"|\[(?:question|original response|target format|evidence) (?:start|end)\])",
+    rf"|\[(?:{'|'.join(PROMPT_TAGS)}) (?:start|end)\]",
     re.IGNORECASE)
-TASK_TALK_WORDS = ("format", "structure", "response", "answer", "[")  # each phrase above holds one
+# Text that each phrase above holds (lower-cased): the regex, slow on long texts, runs only
+# on a text that holds one of them.
+TASK_TALK_WORDS = (*(f"{word} {noun}" for word in FORMAT_TALK for noun in ("format", "structure")),
+                   *(f"{word} {noun}" for word in RESPONSE_TALK for noun in ("response", "answer")),
+                   "follow", "change only the format", "answer is", *(f"[{tag} " for tag in PROMPT_TAGS))
 ANSWER_IS_RE = re.compile(r"\b(?:the (?:final |correct )?answer is|answer:)\s*(?P<answer>[^\n.;!?]{1,40})",
                           re.IGNORECASE)
 GSM8K_MARK = "####"
@@ -161,9 +176,23 @@ def without_list_numbers(text):
     return LIST_NUMBER_RE.sub("", text)
 
 
-@memo
-def words_of(text):
-    return tuple(WORD_RE.findall(text.lower()))
+def ascii_runs(text, table):
+    """The runs of ASCII ``text`` that ``table`` (bytes.translate's) leaves without a space."""
+    return text.encode("ascii").translate(table).decode("ascii").split()
+
+
+def find_words(text):
+    """The words of ``text`` (letters, with an apostrophe inside), lower-cased, in order."""
+    text = text.lower()
+    if not text.isascii():
+        return tuple(WORD_RE.findall(text))
+    words = ascii_runs(text, WORD_BYTES)
+    if "'" in text:
+        words = [word for run in words for word in (ASCII_WORD_RE.findall(run) if "'" in run else (run,))]
+    return tuple(words)
+
+
+words_of = memo(find_words)  # the same, kept for the last few texts
 
 
 def has_code(text):
@@ -221,20 +250,30 @@ def final_answer_kept(original, rewrite):
     return expected is None or boxed_answer(rewrite) == expected
 
 
+def pieces_of(text):
+    """The sentences and lines of ``text``, the empty ones left out."""
+    return [piece for piece in SENTENCE_END_RE.sub("\\1\n", text).split("\n") if piece]
+
+
+def unmarked(text):
+    """``text`` without markdown's marks, its spaces collapsed."""
+    return " ".join(text.translate(MARKUP).split())
+
+
 def _unit(text):
     """A line or sentence as a comparable unit: no markup, list numbering or case."""
-    return " ".join(MARKUP_RE.sub(" ", without_list_numbers(text)).lower().split()).strip(" .,:;-")
+    return unmarked(without_list_numbers(text).lower()).strip(" .,:;-")
 
 
 @memo
 def repeated_units(text):
     """The most times any line or sentence of at least :data:`LOOP_MIN_WORDS` words occurs,
-    and the count of each (read only: it is shared)."""
-    counts = {}
-    for piece in SENTENCE_SPLIT_RE.split(text):
-        unit = _unit(piece)
-        if unit.count(" ") >= LOOP_MIN_WORDS - 1:  # words are one space apart in a unit
-            counts[unit] = counts.get(unit, 0) + 1
+    and the count of each (read only: it is shared). Lines and sentences are read as
+    :func:`_unit` reads them (the markup, list numbering and case taken out of the whole
+    text at once)."""
+    plain = without_list_numbers(text).lower()
+    units = (unmarked(piece).strip(" .,:;-") for piece in pieces_of(plain))
+    counts = collections.Counter(unit for unit in units if unit.count(" ") >= LOOP_MIN_WORDS - 1)
     return max(counts.values(), default=0), counts
 
 
@@ -242,29 +281,41 @@ def repeated_units(text):
 def repeated_ngram_share(text, n=LOOP_NGRAM):
     """The share of the ``n``-word sequences of ``text`` that repeat an earlier one (0 for
     short texts)."""
-    words = words_of(text)
-    if len(words) < 2 * n:
+    code = word_code(text)
+    if len(code) < 2 * n:
         return 0.0
-    grams = list(zip(*(words[i:] for i in range(n))))
-    return (len(grams) - len(set(grams))) / len(grams)
+    grams = len(code) - n + 1
+    return (grams - len({code[i:i + n] for i in range(grams)})) / grams
+
+
+@memo
+def word_code(text):
+    """One character for each word of ``text``, the same for the same word ("the cat and
+    the dog" -> "\\x00\\x01\\x02\\x00\\x03"): sequences of words compared as strings."""
+    words = words_of(text)
+    ids = {word: chr(i) for i, word in enumerate(dict.fromkeys(words))}
+    return "".join(map(ids.__getitem__, words))
 
 
 @memo
 def tokens_of(text, lower=True):
     """The runs of letters and digits of ``text`` (lower-cased unless ``lower`` is False)."""
-    return tuple(TOKEN_RE.findall(text.lower() if lower else text))
+    text = text.lower() if lower else text
+    return tuple(ascii_runs(text, TOKEN_BYTES) if text.isascii() else TOKEN_RE.findall(text))
 
 
 @memo
 def sentence_content_words(text):
     """The set of content words of each sentence or line of ``text``, in order."""
-    return tuple(frozenset(content_words(piece)) for piece in SENTENCE_SPLIT_RE.split(text))
+    return tuple(frozenset(filter(None, map(content_stem, find_words(piece)))) for piece in pieces_of(text))
 
 
 @memo
 def numbers_outside_lists(text):
     """The numbers of ``text`` less its list numbering, each once, in order."""
-    return tuple(dict.fromkeys(numbers_in(without_list_numbers(text))))
+    if LIST_NUMBER_RE.search(text):
+        text = without_list_numbers(text)
+    return tuple(dict.fromkeys(numbers_in(text)))
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -280,11 +331,18 @@ def stem(word):
     return word
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def content_stem(word):
+    """The stem of a word that carries content (three letters or more, neither a stop word
+    nor a format word), else ""."""
+    return stem(word) if len(word) >= 3 and word not in NOT_CONTENT_WORDS else ""
+
+
 @memo
 def content_words(text):
     """The stems of the words of ``text`` that carry content (no stop words, no format
     words), in order, repeats included."""
-    return tuple([stem(w) for w in words_of(text) if len(w) >= 3 and w not in NOT_CONTENT_WORDS])
+    return tuple(filter(None, map(content_stem, words_of(text))))
 
 
 OPENING_CHARS = " \t\"'“‘«([*_#>-"  # what may stand between a sentence's end and its first word
@@ -329,14 +387,55 @@ def names_in(text):
 def phrase_repeats(text):
     """The most times a phrase of 1 to :data:`PHRASE_MAX_WORDS` words of ``text`` comes in a
     row ("no no no" is 3)."""
-    words = words_of(text)
+    # One byte a word (:func:`word_code`), exact up to 256 distinct words; beyond, two words
+    # may share a byte, and a run found is counted again word by word.
+    code = word_code(text)
+    exact = code.isascii() or max(code) <= "\xff"
+    code = code.encode("latin-1") if exact else bytes(ord(char) % 256 for char in code)
     most = 1
     for size in range(1, PHRASE_MAX_WORDS + 1):
-        run = 0  # words equal to the word ``size`` places on, in a row
-        for same in map(str.__eq__, words, words[size:]):
-            run = run + 1 if same else 0
-            most = max(most, 1 + run // size)
+        run = _longest_equal_run(code, size)
+        if run >= size and not exact:
+            run = _longest_equal_run_of_words(words_of(text), size)
+        most = max(most, 1 + run // size)
     return most
+
+
+ZERO = b"\x00"
+
+
+def _longest_equal_run(code, size):
+    """The most positions ``i`` in a row where ``code[i] == code[i + size]`` (bytes compared
+    by XOR of the two shifted copies, as integers: a zero byte is an equal pair)."""
+    if len(code) <= size:
+        return 0
+    differences = int.from_bytes(code[:-size], "big") ^ int.from_bytes(code[size:], "big")
+    return _longest_zero_run(differences.to_bytes(len(code) - size, "big"))
+
+
+def _longest_zero_run(data):
+    """The most zero bytes in a row in ``data``: doubled while found, then halved between."""
+    if ZERO not in data:
+        return 0
+    found, missing = 1, 2
+    while ZERO * missing in data:
+        found, missing = missing, missing * 2
+    while missing - found > 1:
+        middle = (found + missing) // 2
+        if ZERO * middle in data:
+            found = middle
+        else:
+            missing = middle
+    return found
+
+
+def _longest_equal_run_of_words(words, size):
+    """:func:`_longest_equal_run` on the words themselves (slower, exact)."""
+    longest = run = 0
+    for same in map(str.__eq__, words, words[size:]):
+        run = run + 1 if same else 0
+        longest = max(longest, run)
+    return longest
 
 
 def has_loop(rewrite, original=""):
@@ -362,7 +461,7 @@ def has_loop(rewrite, original=""):
 def format_sentences(task_format):
     """The sentences of a task's format (list numbering taken out) of
     :data:`FORMAT_SENTENCE_MIN_WORDS` words or more, as :func:`_unit` writes them."""
-    units = (_unit(piece) for piece in SENTENCE_SPLIT_RE.split(without_list_numbers(task_format)))
+    units = (_unit(piece) for piece in pieces_of(without_list_numbers(task_format)))
     return tuple(unit for unit in units if unit.count(" ") >= FORMAT_SENTENCE_MIN_WORDS - 1)
 
 
@@ -373,9 +472,9 @@ def protocol_leftover(rewrite, original="", question="", task_format=""):
     source = f"{question}\n{original}".lower()
     lower = rewrite.lower()
     if task_format:
-        plain, plain_source = (" ".join(MARKUP_RE.sub(" ", text).split()) for text in (lower, source))
+        plain = unmarked(lower)
         for sentence in format_sentences(task_format):
-            if sentence in plain and sentence not in plain_source:
+            if sentence in plain and sentence not in unmarked(source):
                 return sentence
     for pattern, triggers in ((REASONING_MARKER_RE, ("reasoning",)), (REVISED_MARKER_RE, ("revised",)),
                               (TASK_TALK_RE, TASK_TALK_WORDS)):
