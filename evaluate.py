@@ -108,7 +108,7 @@ from realign.client import (
 from realign.engine import Request, options_from_args, send_requests
 from realign.lengths import load_length_counter
 from realign.pricing import price_of_run
-from realign.quality import TEXT_CHECKS, find_problems
+from realign.quality import TEXT_CHECKS, checked_batches, default_processes, find_problems, passed_before
 from realign.report_html import MAX_FLAGGED, PER_TASK, RecordSample, figure_svg, render_page
 from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
@@ -207,21 +207,40 @@ def unpaired_message(left_out, path, other_path):
     return f"{path}: {len(left_out):,} record(s) whose id is not in {other_path}: {shown}{more}"
 
 
-def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_record=None):
+def task_of(original, rewritten):
+    task = original.task if isinstance(original.task, str) else rewritten.task
+    return task if isinstance(task, str) else NO_TASK
+
+
+def texts_to_check(pair):
+    """find_problems' arguments for an ``(Original, Rewritten)`` pair; None for an unchanged
+    rewrite, or one whose merged record holds reformat.py's stamp of these texts (it passed)."""
+    original, rewritten = pair
+    if original.response == rewritten.response:
+        return None
+    texts = (rewritten.response, original.response, original.question, original.evidence,
+             task_of(original, rewritten))
+    note = rewritten.reformat
+    if isinstance(note, dict) and passed_before(note.get("checks_passed"), *texts):
+        return None
+    return texts
+
+
+def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_record=None, processes=1):
     """``{task: MeasureStats}`` of ``(Original, Rewritten)`` pairs.
 
     Lengths are word counts, or ``count_lengths(texts)`` (one call per batch) when given;
-    the edit rate is always in words. ``on_record(entry, original, rewritten)`` gets each
+    the edit rate is always in words; the quality checks run in ``processes`` processes
+    (realign.quality.checked_batches). ``on_record(entry, original, rewritten)`` gets each
     record's JSON entry.
     """
     stats = defaultdict(MeasureStats)
-    for batch in batched(pairs, RECORDS_PER_BATCH):
+    for batch, found in checked_batches(batched(pairs, RECORDS_PER_BATCH), texts_to_check, processes):
         counted = None
         if count_lengths is not None:
             counted = count_lengths([o.response for o, _ in batch] + [r.response for _, r in batch])
         for j, (original, rewritten) in enumerate(batch):
-            task = original.task if isinstance(original.task, str) else rewritten.task
-            task = task if isinstance(task, str) else NO_TASK
+            task = task_of(original, rewritten)
             changed = original.response != rewritten.response
             before_words, after_words = split_words(original.response), split_words(rewritten.response)
             rate = edit_rate_of_words(before_words, after_words) if changed else 0.0
@@ -230,8 +249,7 @@ def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_rec
                 length_before, length_after = len(before_words), len(after_words)
             else:
                 length_before, length_after = counted[j], counted[len(batch) + j]
-            problems = find_problems(rewritten.response, original.response, original.question, original.evidence,
-                                     task) if changed else []
+            problems = found[j]
             stats[task].add(rate, rewrote, changed, length_before, length_after,
                             rewritten.tag, rewritten.reject_reason, problems)
             if on_record is not None:
@@ -276,7 +294,8 @@ def with_merged(rewrites, merged_path, unpaired):
 
 
 def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpaired=False,
-                  threshold=REWRITE_THRESHOLD, on_record=None, rewrite_directory=None, merged_path=None):
+                  threshold=REWRITE_THRESHOLD, on_record=None, rewrite_directory=None, merged_path=None,
+                  processes=1):
     """The free measures of two files: ``(summary, overall MeasureStats)``.
 
     ``summary`` holds "inputs", "unpaired", "overall", "groups" and "tasks" (see
@@ -289,7 +308,8 @@ def measure_files(original_path, rewritten_path, count_lengths=None, allow_unpai
     unpaired_merged = {}
     if merged_path:
         rewrites = with_merged(rewrites, merged_path, unpaired_merged)
-    task_stats = measure_pairs(pair_by_id(originals, rewrites, unpaired), count_lengths, threshold, on_record)
+    task_stats = measure_pairs(pair_by_id(originals, rewrites, unpaired), count_lengths, threshold, on_record,
+                               processes)
     if merged_path and (unpaired_merged["original"] or unpaired_merged["rewritten"]):
         left, path, other = ((unpaired_merged["original"], rewritten_path, merged_path) if unpaired_merged["original"]
                              else (unpaired_merged["rewritten"], merged_path, rewritten_path))
@@ -966,6 +986,9 @@ def parse_args(argv=None):
     parser.add_argument("--rewrite_threshold", type=rate_threshold, default=REWRITE_THRESHOLD,
                         help=f"edit rate above which a response counts as rewritten (default {REWRITE_THRESHOLD}, "
                              "the paper's)")
+    parser.add_argument("--processes", type=positive_int, default=default_processes(),
+                        help="processes that run the quality checks of a large file (default: the CPUs this process "
+                             "may use, here %(default)s)")
     parser.add_argument("--allow_unpaired", action=argparse.BooleanOptionalAction, default=False,
                         help="measure the paired records when some ids are in one file only (default: exit 2)")
     parser.add_argument("--judge", action="append", choices=JUDGES, default=[],
@@ -1146,7 +1169,7 @@ def main(argv=None) -> int:
 
         summary, overall_stats = measure_files(args.original_path, args.rewritten_path, count_lengths,
                                                args.allow_unpaired, args.rewrite_threshold, on_record,
-                                               args.rewrite_directory, args.merged_path)
+                                               args.rewrite_directory, args.merged_path, args.processes)
         verdicts = judge_samples(args, eligible, samplers, references, summary) if args.judge else {}
         if args.dry_run:
             free = {key: value for key, value in summary.items() if key != "judges"}

@@ -56,9 +56,12 @@ def batch_ids_of_positions(positions, n_records, batch_num):
 def reformat_note(entry):
     """What the merged record keeps of a line whose record kept its original because its
     request failed or no candidate passed the checks: ``{"status", "reason",
-    "candidate_checks"}`` (the filter names it, the report shows it); None otherwise."""
+    "candidate_checks"}`` (the filter names it, the report shows it); of a rewrite that
+    passed the checks: ``{"checks_passed"}`` (the filter need not check it again); None
+    otherwise."""
     if entry.get("status") not in ("failed", "rejected"):
-        return None
+        stamp = entry.get("checks_passed")
+        return {"checks_passed": stamp} if isinstance(stamp, str) else None
     items = entry.get("items")
     chosen = items[1].get("revised_response") if isinstance(items, list) and len(items) > 1 and \
         isinstance(items[1], dict) else None
@@ -132,7 +135,7 @@ def merge_records(records, rewrites, stats, missing):
         if text is not None and text != turn["value"]:
             turn["value"] = text
             stats["rewritten"] += 1
-        if note is not None:  # the record kept its original: why (the filter names it)
+        if note is not None:  # why the record kept its original, or that its rewrite passed the checks
             record["reformat"] = note
         yield record
 

@@ -22,7 +22,9 @@ the dataset) and appends one JSON line per record, as each finishes, to
 ``fingerprint`` of the request that made it. Records that are not reformatted (tasks
 outside ``REWRITE_TASK``, unknown categories, multi-turn records) are written through with
 the original response as ``revised_response``; records that could not be rewritten are
-written the same way plus top-level ``"status": "failed"`` and ``"error"``.
+written the same way plus top-level ``"status": "failed"`` and ``"error"``. A rewritten
+record's line also holds ``candidate_checks`` (what the quality checks found among its
+candidates) and ``checks_passed`` (:func:`realign.quality.passed_stamp` of the chosen one).
 
 A rerun continues: it skips the lines whose fingerprint still matches (the model, the
 prompt, the task's format, the evidence, the sampling and the length counting are all in
@@ -108,7 +110,8 @@ from realign.client import (
 from realign.engine import Request, options_from_args, send_requests
 from realign.pricing import CHARS_PER_TOKEN, price_of_run
 from realign.records import BATCH_FILE_RE, batch_file_path, unused_replies_path
-from realign.quality import CUT_OFF, REASONING_MARKER_RE, REVISED_MARKER_RE, UNPARSABLE, check_record
+from realign.quality import (CUT_OFF, REASONING_MARKER_RE, REVISED_MARKER_RE, UNPARSABLE, check_record, passed_stamp,
+                             record_texts)
 
 logger = logging.getLogger("reformat")
 
@@ -248,29 +251,52 @@ def choice_text(choice):
     return (content if isinstance(content, str) else None), choice.get("finish_reason")
 
 
-def judge_candidate(record, content, finish_reason):
+def judge_candidate(record, content, finish_reason, verdicts=None):
     """``(candidate or None, problems)``: the parsed candidate and the names of the checks
     (realign/quality.py) it fails; a candidate cut off at the cap is not read further (its
-    end is missing), one that does not parse is ``unparsable``."""
+    end is missing), one that does not parse is ``unparsable``.
+
+    ``verdicts`` (``{stamp: problems}``, see :func:`judge_reply`) answers for texts judged
+    before, and learns the new ones."""
     if finish_reason == "length":
         return None, [CUT_OFF]
     parsed = parse_revised_response(content)
     if parsed is None:
         return None, [UNPARSABLE]
-    return parsed, check_record(record, parsed["revised_response"])
+    if verdicts is None:
+        return parsed, check_record(record, parsed["revised_response"])
+    stamp = passed_stamp(parsed["revised_response"], *record_texts(record))
+    if not isinstance(verdicts.get(stamp), list):
+        verdicts[stamp] = check_record(record, parsed["revised_response"])
+    return parsed, verdicts[stamp]
 
 
-def judge_candidates(record, choices):
+def judge_candidates(record, choices, verdicts=None):
     """Judge ``(content, finish_reason)`` pairs: ``(passing candidates, [(content,
     finish_reason, problems)] of the others)``."""
     passing, rejected = [], []
     for content, finish_reason in choices:
-        candidate, problems = judge_candidate(record, content, finish_reason)
+        candidate, problems = judge_candidate(record, content, finish_reason, verdicts)
         if problems:
             rejected.append((content, finish_reason, problems))
         else:
             passing.append(candidate)
     return passing, rejected
+
+
+# Where a reply keeps the checks' verdicts of its candidates (realign.quality.passed_stamp of
+# the texts -> the checks they fail): the engine stores the reply with them once the stage
+# has used it, so a rerun answered from the cache reads them instead of checking again.
+VERDICTS_KEY = "realign_verdicts"
+
+
+def judge_reply(record, reply):
+    """:func:`judge_candidates` of a chat completion reply (a dict), its verdicts kept in
+    ``reply[VERDICTS_KEY]``."""
+    verdicts = reply.get(VERDICTS_KEY)
+    if not isinstance(verdicts, dict):
+        verdicts = reply[VERDICTS_KEY] = {}
+    return reply_choices(reply), judge_candidates(record, reply_choices(reply), verdicts)
 
 
 def longest(lengths):
@@ -568,8 +594,7 @@ class Chunk:
         """The batch line of a reply: the candidates that pass the checks and the longest of
         them; None when none passes. ``state`` adds up the candidates and their problems over
         the record's asks; the replies not used go to the unused-replies file."""
-        choices = reply_choices(reply)
-        passing, failing = judge_candidates(record, choices)
+        choices, (passing, failing) = judge_reply(record, reply)
         state["candidates"] += len(choices)
         state["failing"] += len(failing)
         for content, finish_reason, problems in failing:
@@ -586,6 +611,7 @@ class Chunk:
             best = longest(self.count_lengths([c["revised_response"] for c in passing]))
         line = with_revision(record, passing, passing[best])
         line["candidate_checks"] = candidate_checks(state)
+        line["checks_passed"] = passed_stamp(passing[best]["revised_response"], *record_texts(record))
         return with_fingerprint(line, fp)
 
 

@@ -28,6 +28,11 @@ through, or copied by the model). The other rules come in presets
 
 Lengths are counted in --tokenizer_path's tokens (batched), or in words without it.
 
+Before the preset, the quality checks of realign/quality.py (--quality_checks, on by
+default) reject a rewrite that lost content or kept the prompt's words. A rewrite whose
+merged record holds reformat.py's ``checks_passed`` for the same texts under the same
+checks is not read again (the checks cost about 0.4 ms a record; the hash a few µs).
+
 Exit status: 0 written; 2 bad input (a malformed record, or files whose ids differ),
 nothing written. No environment variables.
 """
@@ -43,13 +48,15 @@ from realign import (
     InputError,
     exits_cleanly,
     iter_records,
+    positive_int,
     refuse_overwriting_input,
     setup_logging,
     write_json_list_atomic,
 )
 from realign.cli import ArgumentParser
 from realign.lengths import load_length_counter
-from realign.quality import TEXT_CHECKS, find_problems, final_answer_kept, has_code, has_letter, last_number, numbers_in
+from realign.quality import (TEXT_CHECKS, checked_batches, default_processes, final_answer_kept, has_code, has_letter,
+                             last_number, numbers_in, passed_before, problems_of)
 
 logger = logging.getLogger("rewrite_data_selection")
 
@@ -137,20 +144,18 @@ TEXT_RULES = {
 }
 
 
-def judge_text(rules, question, category, original, rewrite, evidence=(), quality=True):
-    """Run the rules that need no length, in order: the quality checks of realign/quality.py
-    first (with ``quality``; a rewrite that lost the original's answer is rejected before
-    any rule of the preset can accept it), then the preset's.
+def judge_text(rules, question, category, original, rewrite, problems=()):
+    """Run the rules that need no length, in order: the quality checks' ``problems`` first
+    (see :func:`texts_to_check`; a rewrite that lost the original's answer is rejected
+    before any rule of the preset can accept it), then the preset's.
 
     Returns ``(True, None)`` to keep the rewrite, ``(False, rule)`` to keep the original,
     or ``(None, None)`` when the length rule must decide.
     """
     if rewrite == original:
         return False, "unchanged"
-    if quality:
-        problems = find_problems(rewrite, original, question, evidence, category)
-        if problems:
-            return False, problems[0]
+    if problems:
+        return False, problems[0]
     for name in rules:
         if name == "length":
             return None, None
@@ -162,13 +167,30 @@ def judge_text(rules, question, category, original, rewrite, evidence=(), qualit
     return True, None
 
 
-def judge_texts(batch, rules, quality=True):
-    """Text-rule verdicts for ``[(record, rewrite)]``, and the indexes the length rule must decide."""
+def texts_to_check(passed):
+    """``(record, rewrite) -> find_problems' arguments``, or None where the quality checks
+    need not run: an unchanged rewrite, or one whose stamp in ``passed`` (see
+    :func:`read_rewrites`) says these texts passed them."""
+    def texts(pair):
+        record, rewrite = pair
+        human, original = record["items"][0], record["items"][1]["value"]
+        question, evidence, category = human["value"], human.get("evidence") or (), human.get("category")
+        if rewrite == original or passed_before(passed.get(record["id"]), rewrite, original, question, evidence,
+                                                category):
+            return None
+        return rewrite, original, question, evidence, category
+    return texts
+
+
+def judge_texts(batch, rules, problems=None):
+    """Text-rule verdicts for ``[(record, rewrite)]`` (``problems``: the quality checks'
+    findings of each, or None when they were not run), and the indexes the length rule must
+    decide."""
     verdicts, pending = [], []
-    for record, rewrite in batch:
+    for i, (record, rewrite) in enumerate(batch):
         items = record["items"]
         verdict = judge_text(rules, items[0]["value"], items[0].get("category"), items[1]["value"], rewrite,
-                             items[0].get("evidence") or (), quality)
+                             problems[i] if problems is not None else ())
         if verdict[0] is None:
             pending.append(len(verdicts))
         verdicts.append(verdict)
@@ -189,7 +211,11 @@ def apply_lengths(verdicts, pending, lengths, threshold):
 
 def judge_batch(batch, rules, threshold, count_lengths, quality=True):
     """``[(keep, rule)]`` for ``[(record, rewrite)]``, counting lengths once for the batch."""
-    verdicts, pending = judge_texts(batch, rules, quality)
+    problems = None
+    if quality:
+        texts = texts_to_check({})
+        problems = problems_of([texts(pair) for pair in batch])
+    verdicts, pending = judge_texts(batch, rules, problems)
     if pending:
         apply_lengths(verdicts, pending, count_lengths(texts_to_count(batch, pending)), threshold)
     return verdicts
@@ -238,12 +264,15 @@ def tag_records(batch, verdicts, stats, keep_reasons, kept_by_reformat):
 
 
 def select_records(records, rewrites, rules, threshold, count_lengths, stats, keep_reasons,
-                   rewrite_path, batch_size=RECORDS_PER_BATCH, quality=True, kept_by_reformat=None):
+                   rewrite_path, batch_size=RECORDS_PER_BATCH, quality=True, kept_by_reformat=None, passed=None,
+                   processes=1):
     """Yield every original record tagged ``rewrite`` (with the merged response) or ``original``
-    (``kept_by_reformat``: see :func:`read_rewrites`).
+    (``kept_by_reformat``, ``passed``: see :func:`read_rewrites`).
 
-    Lengths of one batch are counted in a worker thread (tokenizers release the GIL) while
-    the next batch is read and judged and the previous one written.
+    The quality checks (with ``quality``) of the batches run in ``processes`` worker
+    processes (realign.quality.checked_batches). Lengths of one batch are counted in a
+    worker thread (tokenizers release the GIL) while the next batch is read and judged and
+    the previous one written.
     """
     def finish(batch, verdicts, pending, lengths):
         if lengths is not None:
@@ -252,8 +281,10 @@ def select_records(records, rewrites, rules, threshold, count_lengths, stats, ke
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         previous = None
-        for batch in paired_batches(records, rewrites, rewrite_path, stats, batch_size):
-            verdicts, pending = judge_texts(batch, rules, quality)
+        batches = paired_batches(records, rewrites, rewrite_path, stats, batch_size)
+        texts = texts_to_check(passed or {}) if quality else lambda pair: None
+        for batch, problems in checked_batches(batches, texts, processes if quality else 1):
+            verdicts, pending = judge_texts(batch, rules, problems)
             lengths = pool.submit(count_lengths, texts_to_count(batch, pending)) if pending else None
             if previous is not None:
                 yield from finish(*previous)
@@ -267,16 +298,22 @@ KEPT_BY_REFORMAT = {"rejected": "no_candidate_passed", "failed": "request_failed
 
 
 def read_rewrites(path):
-    """``({id: items[1].value}, {id: why reformat kept the original})`` of the merged file,
-    streamed: a record whose candidates all failed the checks, or whose request failed, has
-    its original there, and the filter names that instead of "unchanged"."""
-    rewrites, kept = {}, {}
+    """``({id: items[1].value}, {id: why reformat kept the original}, {id: checks_passed})``
+    of the merged file, streamed: a record whose candidates all failed the checks, or whose
+    request failed, has its original there, and the filter names that instead of
+    "unchanged"; a rewrite that passed the checks has reformat's stamp of its texts
+    (realign.quality.passed_stamp)."""
+    rewrites, kept, passed = {}, {}, {}
     for record in iter_records(path, require_response=True):
         rewrites[record["id"]] = record["items"][1]["value"]
         note = record.get("reformat")
-        if isinstance(note, dict) and note.get("status") in KEPT_BY_REFORMAT:
+        if not isinstance(note, dict):
+            continue
+        if note.get("status") in KEPT_BY_REFORMAT:
             kept[record["id"]] = KEPT_BY_REFORMAT[note["status"]]
-    return rewrites, kept
+        elif isinstance(note.get("checks_passed"), str):
+            passed[record["id"]] = note["checks_passed"]
+    return rewrites, kept, passed
 
 
 def summary(stats, rules, unit, quality=True):
@@ -314,6 +351,9 @@ def parse_args(argv=None):
     parser.add_argument("--quality_checks", action=argparse.BooleanOptionalAction, default=True,
                         help="before the preset's rules, reject a rewrite that fails a quality check of "
                              f"realign/quality.py ({', '.join(TEXT_CHECKS)}), whatever the preset (default: on)")
+    parser.add_argument("--processes", type=positive_int, default=default_processes(),
+                        help="processes that run the quality checks of a large file (default: the CPUs this process "
+                             "may use, here %(default)s)")
     parser.add_argument("--keep_reasons", action=argparse.BooleanOptionalAction, default=False,
                         help="add 'reject_reason' (the name of the rule or check) to records tagged original (default: off)")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False, help="log debug messages (default: off)")
@@ -333,12 +373,13 @@ def main(argv=None) -> int:
         unit = count_lengths.unit
     elif args.tokenizer_path:
         logger.info("the %s preset has no length rule: --tokenizer_path is not used", args.rules)
-    rewrites, kept_by_reformat = read_rewrites(args.input_rewrite_data_path)
+    rewrites, kept_by_reformat, passed = read_rewrites(args.input_rewrite_data_path)
     stats = Counter()
     records = iter_records(args.input_original_data_path, require_response=True)
     write_json_list_atomic(args.output_path, select_records(
         records, rewrites, rules, args.length_threshold, count_lengths, stats, args.keep_reasons,
         args.input_rewrite_data_path, quality=args.quality_checks, kept_by_reformat=kept_by_reformat,
+        passed=passed, processes=args.processes,
     ))
     logger.info("%s -> %s", summary(stats, rules, unit, args.quality_checks), args.output_path)
     return 0

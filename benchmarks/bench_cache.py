@@ -8,10 +8,13 @@ Usage:
    (building the request, key of the whole request body, SQLite lookup off the event loop,
    decompression, JSON), timed with ``time.process_time`` over --hits requests on a cache of
    --records entries: once with the reply handed on as it is, once judged as reformat.py
-   does (the quality checks of its two candidates).
+   does (its two candidates' verdicts read from the reply, where a run stores them), and
+   once judged from a reply without verdicts (the quality checks run: a reply cached by an
+   older version, or under other checks).
 2. A rerun into a fresh folder: the fake OpenAI server is started in its own process, the
    cache is filled with the replies it would give to reformat.py's requests for --records
-   synthetic records (the same keys reformat.py computes), then ``reformat.py`` runs on them
+   synthetic records (the same keys reformat.py computes, and the verdicts its reply handler
+   adds before the engine stores a reply), then ``reformat.py`` runs on them
    into a new output folder. Printed: its wall time, and the chat requests the server got
    (0 when every record was answered by the cache).
 """
@@ -53,8 +56,10 @@ def rewrite_request(args, sampling, record):
     return {"messages": messages, **sampling.fields()}
 
 
-def fill_cache(cache_dir, records, base_url):
-    """Store the fake's reply to each record's request under the key reformat.py looks up."""
+def fill_cache(cache_dir, records, base_url, verdicts=True):
+    """Store the fake's reply to each record's request under the key reformat.py looks up,
+    with the checks' verdicts of its candidates as reformat.py's reply handler adds them
+    before the engine stores a reply (unless not ``verdicts``: a reply as the server sent it)."""
     import reformat
     from realign.cache import Cache
     from realign.client import OpenAITransport
@@ -65,7 +70,10 @@ def fill_cache(cache_dir, records, base_url):
     with Cache(cache_dir) as cache:
         for record in records:
             body = rewrite_request(args, sampling, record)
-            cache.put(transport.key(body), fake_reply(body))
+            reply = fake_reply(body)
+            if verdicts:
+                reformat.judge_reply(record, reply)
+            cache.put(transport.key(body), reply)
     return args, sampling
 
 
@@ -81,7 +89,7 @@ def time_hits(cache_dir, records, base_url, args, sampling, hits, judge=True):
 
     def request(record):
         def on_reply(reply):
-            used.append(reformat.judge_candidates(record, reformat.reply_choices(reply)) if judge else reply)
+            used.append(reformat.judge_reply(record, reply) if judge else reply)
             return True
         return Request(rewrite_request(args, sampling, record), on_reply)
 
@@ -113,9 +121,13 @@ def main(argv=None):
         hits = min(args.hits, len(records))
         bare = time_hits(cache_dir, records, base_url, args_, sampling, hits, judge=False)
         per_hit = time_hits(cache_dir, records, base_url, args_, sampling, hits)
+        raw_dir = os.path.join(workdir, "without_verdicts")
+        fill_cache(raw_dir, records[:hits], base_url, verdicts=False)
+        checked = time_hits(raw_dir, records, base_url, args_, sampling, hits)
         print(f"cache hit through the engine: {bare * 1000:.3f} ms of CPU per hit, the reply handed on as it is; "
-              f"{per_hit * 1000:.3f} ms with reformat's checks of its two candidates ({hits:,} hits each)",
-              flush=True)
+              f"{per_hit * 1000:.3f} ms judged by reformat (the verdicts of its two candidates read from the "
+              f"reply); {checked * 1000:.3f} ms judged from a reply without verdicts (the checks run) "
+              f"({hits:,} hits each)", flush=True)
 
         input_path = os.path.join(workdir, "input.json")
         with open(input_path, "w", encoding="utf-8") as f:

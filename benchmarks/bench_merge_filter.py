@@ -8,7 +8,10 @@ Writes, in a temporary folder (--workdir to choose it, --keep to leave it there)
 synthetic stage-3 input of --records classified records (questions of 50-150 characters,
 responses of 200-600; ids with gaps and some string ids) as a JSON list with indent 4, and
 --batches batch files as reformat.py writes them (two candidates per record; 10% passed
-through, 1% failed). Then it runs, each in its own process:
+through, 1% failed; ``checks_passed`` on each chosen rewrite that passes the quality checks,
+computed by the checks themselves in a process pool while the files are written; with
+--no-stamps none, as from a tool that does not stamp, and the filter runs every check).
+Then it runs, each in its own process:
 
 1. the merge of the whole input;
 2. the filter (open_platypus rules) of the whole input, lengths counted in words;
@@ -90,12 +93,36 @@ def synthetic_records(n):
         yield record, line
 
 
-def write_inputs(directory, n, batch_num):
+def stamp_passing(pairs):
+    """``pairs`` (record, batch line) with reformat.py's ``checks_passed`` on each chosen
+    rewrite that passes the quality checks."""
+    from realign.quality import check_record, passed_stamp, record_texts
+
+    for record, line in pairs:
+        turn = line["items"][1]
+        chosen = turn["revised_response"]["revised_response"]
+        if turn["revised_response_list"] and "status" not in line and not check_record(record, chosen):
+            line["checks_passed"] = passed_stamp(chosen, *record_texts(record))
+    return pairs
+
+
+def stamped(generated, chunk=1000):
+    """:func:`stamp_passing` over ``generated`` in a process pool, in order."""
+    import itertools
+    import multiprocessing
+
+    chunks = iter(lambda: list(itertools.islice(generated, chunk)), [])
+    with multiprocessing.Pool() as pool:
+        for pairs in pool.imap(stamp_passing, chunks):
+            yield from pairs
+
+
+def write_inputs(directory, n, batch_num, stamps=True):
     """Write input.json and the batch files; return the input's path."""
     input_path = os.path.join(directory, "input.json")
     batch_dir = os.path.join(directory, "rewrite")
     os.makedirs(batch_dir, exist_ok=True)
-    generated = synthetic_records(n)
+    generated = stamped(synthetic_records(n)) if stamps else synthetic_records(n)
 
     def records():
         for batch_id in range(batch_num):
@@ -186,6 +213,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=10, help="batch files (reformat.py's --dataset_batch_num)")
     parser.add_argument("--token_records", type=int, default=100_000,
                         help="records for the tokenizer comparison (0 to skip it)")
+    parser.add_argument("--stamps", action=argparse.BooleanOptionalAction, default=True,
+                        help="stamp the chosen rewrites that pass the checks, as reformat.py does (default: on)")
     parser.add_argument("--workdir", default=None, help="folder for the synthetic files (default: a temporary one)")
     parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=False,
                         help="leave the synthetic files in place")
@@ -196,7 +225,7 @@ def main(argv=None):
     python = sys.executable
     try:
         start = time.perf_counter()
-        input_path, batch_dir = write_inputs(directory, args.records, args.batches)
+        input_path, batch_dir = write_inputs(directory, args.records, args.batches, args.stamps)
         input_size = os.path.getsize(input_path)
         batch_size = sum(os.path.getsize(os.path.join(batch_dir, n)) for n in os.listdir(batch_dir))
         print(f"synthetic data: {args.records:,} records, input {mib(input_size)}, {args.batches} batch files "

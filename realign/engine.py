@@ -22,11 +22,12 @@ reply, what to do when there is none), read lazily, and a transport that knows o
 - **the usage file** (``--usage_path``) and the spend fragment of the summary line.
 
 The stage's callbacks run on the event loop: ``request.on_reply(reply)`` returns True (the
-reply was used: it is cached), False (not used), or a follow-up :class:`Request` (asked
-next, in the same slot of the pool: a re-ask, a shortened query); ``request.on_error(error)``
-gets a :class:`RequestFailed` and may return a follow-up too. Refusals before any request
-succeeded are held back (the settings, not the records, may be wrong):
-:data:`REJECTION_LIMIT` of them stop the run.
+reply was used: it is cached, with what the handler added to it under a key of its own,
+such as reformat.py's verdicts of the quality checks), False (not used), or a follow-up
+:class:`Request` (asked next, in the same slot of the pool: a re-ask, a shortened query);
+``request.on_error(error)`` gets a :class:`RequestFailed` and may return a follow-up too.
+Refusals before any request succeeded are held back (the settings, not the records, may be
+wrong): :data:`REJECTION_LIMIT` of them stop the run.
 """
 
 import asyncio

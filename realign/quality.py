@@ -26,11 +26,25 @@ a few recognisable ways, each caught here by one function on literal text:
 order of :data:`CHECKS`. reformat.py uses it to choose among candidates, the filter
 (rewrite_data_selection.py) as rules, evaluate.py to count; so one definition decides
 everywhere.
+
+:func:`checked_batches` runs the checks of many records in worker processes (the filter and
+evaluate.py on large files).
+
+A rewrite that passed carries :func:`passed_stamp` from reformat.py through the merge to the
+filter: a hash of everything the checks read (the texts, and the checks' own code and task
+formats), so that the filter, given the same texts under the same checks, need not read
+them again; any difference, and the filter reads them.
 """
 
 import collections
+import concurrent.futures
 import functools
+import hashlib
+import json
+import multiprocessing
+import os
 import re
+import signal
 
 import constant
 
@@ -671,6 +685,89 @@ def find_problems(rewrite, original, question="", evidence=(), category=None):
 def check_record(record, rewrite):
     """:func:`find_problems` of ``rewrite`` against a ReAlign record (its question,
     original response, evidence and category)."""
+    return find_problems(rewrite, *record_texts(record))
+
+
+def record_texts(record):
+    """``(original, question, evidence, category)`` of a ReAlign record, as the checks read them."""
     human, gpt = record["items"][0], record["items"][1]
-    evidence = human.get("evidence") or ()
-    return find_problems(rewrite, gpt["value"], human["value"], evidence, human.get("category"))
+    return gpt["value"], human["value"], human.get("evidence") or (), human.get("category")
+
+
+@functools.cache
+def checks_version():
+    """A hash of what decides a verdict besides the texts: this module's code and the task
+    formats of constant.py (edited by users)."""
+    with open(__file__, "rb") as f:
+        code = f.read()
+    formats = json.dumps(constant.STRUCTURE, sort_keys=True).encode("utf-8")
+    return hashlib.blake2b(code + formats, digest_size=16).digest()
+
+
+def passed_stamp(rewrite, original, question="", evidence=(), category=None):
+    """A hash (hex) of everything :func:`find_problems` reads, and of :func:`checks_version`:
+    carried by a rewrite that passed, it spares a later stage reading the same texts again."""
+    digest = hashlib.blake2b(checks_version(), digest_size=16)
+    for part in (rewrite, original, question, *evidence, repr(category)):
+        data = str(part).encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "big"))  # the length first: parts cannot run into each other
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def passed_before(stamp, rewrite, original, question="", evidence=(), category=None):
+    """Whether ``stamp`` is :func:`passed_stamp` of these texts under today's checks."""
+    return isinstance(stamp, str) and stamp == passed_stamp(rewrite, original, question, evidence, category)
+
+
+# -- many records ------------------------------------------------------------------------------
+
+
+def default_processes():
+    """The CPUs this process may use: the default number of processes for the checks."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _ignore_interrupts():
+    """In a worker: Ctrl-C is the main process's to handle (it stops the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def problems_of(items):
+    """:func:`find_problems` of each item, a tuple of its arguments; ``[]`` for None."""
+    return [find_problems(*item) if item is not None else [] for item in items]
+
+
+def checked_batches(batches, texts_of, processes=1):
+    """``(batch, problems)`` for each batch (a list) of ``batches``, in order, where
+    ``problems[i]`` is :func:`find_problems` of ``texts_of(batch[i])`` (a tuple of its
+    arguments; None: not checked, ``[]``).
+
+    With ``processes`` > 1, from the second batch on the checks run in that many worker
+    processes, up to two batches per process ahead of the one handed back (memory stays
+    bounded); a single batch (a small file) is checked here, with no process started.
+    """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return
+    yield first, problems_of([texts_of(item) for item in first])
+    if processes <= 1:
+        for batch in batches:
+            yield batch, problems_of([texts_of(item) for item in batch])
+        return
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method),
+                                                initializer=_ignore_interrupts) as pool:
+        waiting = collections.deque()
+        for batch in batches:
+            waiting.append((batch, pool.submit(problems_of, [texts_of(item) for item in batch])))
+            if len(waiting) >= 2 * processes:
+                batch, problems = waiting.popleft()
+                yield batch, problems.result()
+        while waiting:
+            batch, problems = waiting.popleft()
+            yield batch, problems.result()

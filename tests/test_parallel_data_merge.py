@@ -107,6 +107,17 @@ def test_passed_through_and_failed_records_keep_the_original(tmp_path):
     assert dict(values(out))[7] == "SEVEN"
 
 
+def test_the_stamp_of_a_rewrite_that_passed_the_checks_goes_to_the_filter(tmp_path):
+    lines = default_lines()
+    lines[0]["checks_passed"] = "0123abcd"  # reformat.py's passed_stamp of the chosen rewrite
+    write_batches(tmp_path / "rw", lines, batch_num=1)
+    code, out = run(tmp_path)
+    assert code == 0
+    merged = {r["id"]: r for r in json.loads(out.read_text(encoding="utf-8"))}
+    assert merged[7]["reformat"] == {"checks_passed": "0123abcd"}
+    assert "reformat" not in merged["a-1"]  # no stamp, no note
+
+
 def test_stray_files_are_ignored(tmp_path):
     directory = write_batches(tmp_path / "rw", default_lines(), batch_num=2)
     (tmp_path / "rw" / "notes.txt").write_text("not json at all")

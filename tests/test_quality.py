@@ -290,3 +290,33 @@ def test_an_answer_announced_but_never_given_is_a_leftover():
     assert quality.protocol_leftover("The chemical symbol for gold is Au, and the answer is", "Au") == "the answer is"
     assert quality.protocol_leftover("The answer is Au.", "Au") is None
 
+
+
+def test_the_passed_stamp_covers_every_text_the_checks_read():
+    texts = ("**Answer**\n\nParis.", "Paris.", "What is the capital of France?", ("Paris is ...",), "open_qa")
+    stamp = quality.passed_stamp(*texts)
+    assert quality.passed_before(stamp, *texts)
+    for i in range(len(texts)):
+        changed = list(texts)
+        changed[i] = ("Lyon",) if i == 3 else "Lyon"
+        assert not quality.passed_before(stamp, *changed), i
+    # the parts are told apart: the same characters cut another way are other texts
+    assert quality.passed_stamp("ab", "c") != quality.passed_stamp("a", "bc")
+    assert not quality.passed_before(None, *texts)
+
+
+def test_checked_batches_in_worker_processes_find_what_one_process_finds():
+    # Batches of texts as the filter and evaluate.py hand them over: the first batch is
+    # checked here, the others in two worker processes, handed back in order.
+    looping = "The sky is blue.\n" * 5
+    texts = [("**Answer**\n\nParis.", "Paris."), (looping, "The sky is blue."), ("It is 41.", "It is 42."),
+             None, ("Berlin.", "Paris.")]
+    batches = [[(i, b) for b in range(3)] for i in range(len(texts))]  # items: (which text, position)
+
+    def texts_of(item):
+        return texts[item[0]]
+
+    serial = list(quality.checked_batches(batches, texts_of, processes=1))
+    pooled = list(quality.checked_batches(iter(batches), texts_of, processes=2))
+    assert pooled == serial
+    assert [problems[0] for _, problems in serial] == [[], ["loop"], ["lost_answer", "lost_number"], [], ["lost_answer"]]

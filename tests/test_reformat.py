@@ -357,6 +357,10 @@ def test_the_longest_candidate_that_passes_the_checks_is_kept(tmp_path, fake_ope
     assert checks[5] == {"candidates": 2, "failing": 1, "problems": {"loop": 1}}
     assert checks[4] == {"candidates": 2, "failing": 1, "problems": {"cut_off": 1}}
     assert checks[1] == {"candidates": 2, "failing": 0, "problems": {}}
+    # the chosen rewrite's stamp, which spares the filter the checks of the same texts
+    from realign.quality import passed_stamp, record_texts
+    stamps = {i: line["checks_passed"] for i, line in by_id(lines).items()}
+    assert stamps == {r["id"]: passed_stamp(chosen[r["id"]], *record_texts(r)) for r in records}
     assert len(chats(fake_openai)) == 5  # one passing candidate is enough: no re-ask
     unused = read_batch(tmp_path / "out" / "rewrite_data_0_of_1_unused_replies.jsonl")
     assert sorted((entry["id"], entry["problems"]) for entry in unused) == [
@@ -544,18 +548,37 @@ def test_resume_never_asks_again_for_a_finished_id(tmp_path, fake_openai):
     assert set(by_id(second)) == {r["id"] for r in records}
 
 
-def test_a_rerun_in_a_fresh_folder_is_answered_by_the_cache(tmp_path, fake_openai, caplog):
+def test_a_rerun_in_a_fresh_folder_is_answered_by_the_cache(tmp_path, fake_openai, caplog, monkeypatch):
     records = [record(i) for i in range(12)] + [record(100, "story_generation")]
     status, first = run(tmp_path, fake_openai, records, "--concurrency", "4")
     assert status == 0 and len(chats(fake_openai)) == 12
     fake_openai.requests.clear()
     (tmp_path / "fresh").mkdir()
+    # The cached replies hold the checks' verdicts of their candidates: the rerun reads them
+    # and checks nothing again.
+    checked = []
+    monkeypatch.setattr(reformat, "check_record", lambda *texts: checked.append(texts) or [])
     with caplog.at_level(logging.INFO):
         status, second = run(tmp_path / "fresh", fake_openai, records, "--concurrency", "4")
     assert status == 0
     assert chats(fake_openai) == []
     assert "requests: 0, retries: 0 (429 rate limit: 0), cache hits: 12" in caplog.text
     assert {line["id"]: line for line in second} == {line["id"]: line for line in first}
+    assert checked == []
+
+
+def test_verdicts_read_from_a_reply_are_those_of_the_same_texts_only():
+    kept = record(1)
+    text = reply("**Answer**\n\nParis is the capital of France.")
+    verdicts = {}
+    assert reformat.judge_candidates(kept, [(text, "stop")], verdicts)[1] == []
+    assert list(verdicts.values()) == [[]]
+    # a verdict learnt for this record's texts does not answer for another record's
+    other = record(1)
+    other["items"][1]["value"] = "Lyon is the capital of France."
+    passing, failing = reformat.judge_candidates(other, [(text, "stop")], verdicts)
+    assert passing == [] and [problems for _, _, problems in failing] == [["lost_answer"]]
+    assert len(verdicts) == 2
 
 
 def copy_of_the_project(tmp_path):

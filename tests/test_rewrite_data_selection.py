@@ -228,6 +228,25 @@ def test_main_tags_every_record_in_original_order_paired_by_id(tmp_path, caplog)
     assert caplog.text.count("lengths are counted in words") == 1
 
 
+def test_reformats_stamp_spares_the_checks_only_for_the_texts_it_was_made_for(tmp_path):
+    # reformat.py stamps the rewrite it chose (passed_stamp of the texts the checks read);
+    # the merge keeps it in "reformat". A stamp of these very texts is read as passed: the
+    # filter does not run the checks again (here a stamp made for a rewrite that lost France,
+    # which the checks reject, shows it). A rewrite edited after the stamp, or a stamp of other
+    # settings, is checked again.
+    from realign.quality import passed_stamp, record_texts
+
+    lost = merged(ORIGINALS, REWRITES)
+    by_id = {r["id"]: r for r in lost}
+    by_id["x-7"]["reformat"] = {"checks_passed": passed_stamp("Paris.", *record_texts(ORIGINALS[1]))}
+    by_id[10]["reformat"] = {"checks_passed": passed_stamp("another rewrite", *record_texts(ORIGINALS[2]))}
+    code, out = run(tmp_path, "--keep_reasons", "--rules", "none", merged_records=lost)
+    assert code == 0
+    final = {r["id"]: r for r in json.loads(out.read_text(encoding="utf-8"))}
+    assert final["x-7"]["tag"] == "rewrite"  # trusted: the stamp matches its texts
+    assert (final[10]["tag"], final[10]["reject_reason"]) == ("original", "lost_code")  # checked again
+
+
 def test_main_without_keep_reasons_adds_only_the_tag(tmp_path):
     code, out = run(tmp_path, "--rules", "none", "--no-quality_checks")
     assert code == 0
