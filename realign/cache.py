@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_FILE = "requests.sqlite3"
 BUSY_TIMEOUT_MS = 60_000  # wait this long for another process's write before giving up
+PAGE_CACHE_KIB = 256  # SQLite's page cache of a connection
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, value BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS limits (server TEXT PRIMARY KEY, requests REAL, tokens REAL, updated REAL NOT NULL);
@@ -102,6 +103,10 @@ class Cache:
         if mode.lower() != "wal":  # pragma: no cover - a filesystem without shared memory
             logger.warning("%s: the cache cannot use SQLite's write-ahead log here (%s mode)", self.path, mode)
         db.execute("PRAGMA synchronous = NORMAL")
+        # A lookup reads a few pages by key; the file system caches the file anyway. SQLite's
+        # own page cache (2 MiB by default) is kept small: a reformat process's memory is
+        # meant to be the interpreter's plus a tenth of its input (benchmarks/bench_memory.py).
+        db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         return db
 
     @property

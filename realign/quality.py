@@ -37,11 +37,9 @@ them again; any difference, and the filter reads them.
 """
 
 import collections
-import concurrent.futures
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -171,7 +169,7 @@ def normalize_number(number):
 # The checks of one record read the same texts many times (the original against each
 # candidate, a candidate in several checks): what they read of a text is kept for the last
 # few texts, as tuples that nobody can change.
-memo = functools.lru_cache(maxsize=64)
+memo = functools.lru_cache(maxsize=16)
 
 
 @memo
@@ -332,7 +330,7 @@ def numbers_outside_lists(text):
     return tuple(dict.fromkeys(numbers_in(text)))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 14)
 def stem(word):
     """A crude English stem so that "plants" meets "plant" and "gives" meets "give"."""
     if word.endswith("'s"):
@@ -345,7 +343,7 @@ def stem(word):
     return word
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 14)
 def content_stem(word):
     """The stem of a word that carries content (three letters or more, neither a stop word
     nor a format word), else ""."""
@@ -471,7 +469,7 @@ def has_loop(rewrite, original=""):
     return share >= LOOP_REPEATED_SHARE and share > repeated_ngram_share(original) + 0.15
 
 
-@memo
+@functools.lru_cache(maxsize=len(constant.STRUCTURE) + 1)  # one entry a task format
 def format_sentences(task_format):
     """The sentences of a task's format (list numbering taken out) of
     :data:`FORMAT_SENTENCE_MIN_WORDS` words or more, as :func:`_unit` writes them."""
@@ -759,6 +757,10 @@ def checked_batches(batches, texts_of, processes=1):
         for batch in batches:
             yield batch, problems_of([texts_of(item) for item in batch])
         return
+    # Imported here: a process that never starts workers (reformat.py) does not hold them.
+    import concurrent.futures
+    import multiprocessing
+
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method),
                                                 initializer=_ignore_interrupts) as pool:
