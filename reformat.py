@@ -291,12 +291,13 @@ VERDICTS_KEY = "realign_verdicts"
 
 
 def judge_reply(record, reply):
-    """:func:`judge_candidates` of a chat completion reply (a dict), its verdicts kept in
-    ``reply[VERDICTS_KEY]``."""
+    """``(choices, judge_candidates(...))`` of a chat completion reply (a dict), its
+    verdicts kept in ``reply[VERDICTS_KEY]``."""
     verdicts = reply.get(VERDICTS_KEY)
     if not isinstance(verdicts, dict):
         verdicts = reply[VERDICTS_KEY] = {}
-    return reply_choices(reply), judge_candidates(record, reply_choices(reply), verdicts)
+    choices = reply_choices(reply)
+    return choices, judge_candidates(record, choices, verdicts)
 
 
 def longest(lengths):
