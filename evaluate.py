@@ -108,7 +108,8 @@ from realign.client import (
 from realign.engine import Request, options_from_args, send_requests
 from realign.lengths import load_length_counter
 from realign.pricing import price_of_run
-from realign.quality import TEXT_CHECKS, checked_batches, default_processes, find_problems, passed_before
+from realign.quality import TEXT_CHECKS, checked_batches, default_processes, find_problems
+from realign.quality import texts_to_check as quality_texts
 from realign.report_html import MAX_FLAGGED, PER_TASK, RecordSample, figure_svg, render_page
 from realign.records import batched, write_atomic  # the one atomic writer (see write_text_atomic)
 
@@ -213,17 +214,12 @@ def task_of(original, rewritten):
 
 
 def texts_to_check(pair):
-    """find_problems' arguments for an ``(Original, Rewritten)`` pair; None for an unchanged
-    rewrite, or one whose merged record holds reformat.py's stamp of these texts (it passed)."""
+    """find_problems' arguments for an ``(Original, Rewritten)`` pair, or None where the
+    checks need not run (realign.quality.texts_to_check: the stamp is the merged record's)."""
     original, rewritten = pair
-    if original.response == rewritten.response:
-        return None
-    texts = (rewritten.response, original.response, original.question, original.evidence,
-             task_of(original, rewritten))
-    note = rewritten.reformat
-    if isinstance(note, dict) and passed_before(note.get("checks_passed"), *texts):
-        return None
-    return texts
+    note = rewritten.reformat if isinstance(rewritten.reformat, dict) else {}
+    return quality_texts(rewritten.response, original.response, original.question, original.evidence,
+                         task_of(original, rewritten), note.get("checks_passed"))
 
 
 def measure_pairs(pairs, count_lengths=None, threshold=REWRITE_THRESHOLD, on_record=None, processes=1):

@@ -56,7 +56,8 @@ from realign import (
 from realign.cli import ArgumentParser
 from realign.lengths import load_length_counter
 from realign.quality import (TEXT_CHECKS, checked_batches, default_processes, final_answer_kept, has_code, has_letter,
-                             last_number, numbers_in, passed_before, problems_of)
+                             last_number, numbers_in, problems_of, record_texts)
+from realign.quality import texts_to_check as quality_texts
 
 logger = logging.getLogger("rewrite_data_selection")
 
@@ -169,16 +170,10 @@ def judge_text(rules, question, category, original, rewrite, problems=()):
 
 def texts_to_check(passed):
     """``(record, rewrite) -> find_problems' arguments``, or None where the quality checks
-    need not run: an unchanged rewrite, or one whose stamp in ``passed`` (see
-    :func:`read_rewrites`) says these texts passed them."""
+    need not run (realign.quality.texts_to_check; ``passed``: see :func:`read_rewrites`)."""
     def texts(pair):
         record, rewrite = pair
-        human, original = record["items"][0], record["items"][1]["value"]
-        question, evidence, category = human["value"], human.get("evidence") or (), human.get("category")
-        if rewrite == original or passed_before(passed.get(record["id"]), rewrite, original, question, evidence,
-                                                category):
-            return None
-        return rewrite, original, question, evidence, category
+        return quality_texts(rewrite, *record_texts(record), passed.get(record["id"]))
     return texts
 
 

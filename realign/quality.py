@@ -718,6 +718,14 @@ def passed_before(stamp, rewrite, original, question="", evidence=(), category=N
     return isinstance(stamp, str) and stamp == passed_stamp(rewrite, original, question, evidence, category)
 
 
+def texts_to_check(rewrite, original, question="", evidence=(), category=None, stamp=None):
+    """:func:`find_problems`' arguments, or None where the checks need not run: a rewrite
+    equal to its original, or one whose ``stamp`` says these texts passed today's checks."""
+    if rewrite == original or passed_before(stamp, rewrite, original, question, evidence, category):
+        return None
+    return rewrite, original, question, evidence, category
+
+
 # -- many records ------------------------------------------------------------------------------
 
 

@@ -133,6 +133,27 @@ def test_task_tables_add_up_to_the_totals_and_groups_follow_task_groups(tmp_path
     assert overall["reject_reasons"] == {"unchanged": 1, "length": 1}
 
 
+def test_a_rewrite_stamped_by_reformat_is_not_checked_again(tmp_path):
+    # The merged file's "reformat.checks_passed" (reformat.py's stamp of the texts it
+    # checked) stands for the checks; a stamp of other texts does not.
+    from realign.quality import passed_stamp, record_texts
+
+    original_path, final_path = inputs(tmp_path)
+
+    def fails(merged_records):
+        merged_path = write_json(tmp_path / "merged.json", merged_records)
+        summary, _ = evaluate.measure_files(original_path, final_path, merged_path=merged_path)
+        return evaluate.headline(summary).split("checks: ")[1]
+
+    stamped = [{**r, "reformat": {"checks_passed": passed_stamp(r["items"][1]["value"], *record_texts(o))}}
+               for r, o in zip(FINALS, ORIGINALS)]
+    assert fails(FINALS) == "0 rewrites rejected by a check, 1 kept rewrites fail one"
+    assert fails(stamped) == "0 rewrites rejected by a check, 0 kept rewrites fail one"
+    other = [{**r, "reformat": {"checks_passed": passed_stamp("other", *record_texts(o))}}
+             for r, o in zip(FINALS, ORIGINALS)]
+    assert fails(other) == "0 rewrites rejected by a check, 1 kept rewrites fail one"
+
+
 def test_a_merged_file_without_tags_counts_them_as_none(tmp_path):
     merged = [{k: v for k, v in r.items() if k not in ("tag", "reject_reason")} for r in FINALS]
     original_path, final_path = inputs(tmp_path, finals=merged)
