@@ -20,7 +20,15 @@ same shortfall (or excess) at once, so each takes up only its own part of it (it
 the spending): together they correct the total once, whatever N is, instead of N times over
 (eight processes used to swing between bursts of 429s and idle seconds). A process that
 starts while the bucket is not full may be joining others: it starts at a quarter of the
-refill, spends no more than that refill, and takes its measured share once it has one.
+refill, spends no more than that refill, and takes its measured share once it has one. Where
+its first request found no more than the key's reserve there, it starts at an eighth: many
+processes may be starting at once, each one's first request in the others' debt, and a
+quarter each made eight of them spend twice the refill (every second request refused). Too
+little costs nothing: what nobody spends stays in the bucket until a measured share claims
+it. Only measurements move the share up: a silence says nothing about the others, since a
+process with a small share is silent by its own pacing (taken as the others slowing down,
+it got every request refused on a key of 60 requests a minute that others left it a
+quarter of).
 
 A busy machine delays replies and stalls processes, and must not look like spare room: the
 server is taken to have admitted a request as late as its quickest recent replies allow
@@ -46,11 +54,11 @@ logger = logging.getLogger(__name__)
 DIMENSIONS = ("requests", "tokens")
 MIN_SHARE = 1 / 64  # never assume less than this share of the refill
 START_SHARE = 0.25  # the share of a process that starts while others may be spending
+EMPTY_START_SHARE = 1 / 8  # the same where its first request found no room: eight starting at once take the refill
 SHARE_WINDOW = 1.0  # seconds of replies (at least two latencies) over which the others' spending is measured
 MIN_SHARE_SPAN = 0.3  # seconds of replies (at least 1.5 latencies) needed to measure it
 SHARE_TIME = 0.5  # seconds over which a measured change of the share is taken up
 REFUSAL_DECREASE = 0.7  # a 429 of the rate limit: take less of the refill
-STALE_SHARE = 2.0  # seconds without a reply after which the others are assumed to slow down
 MAX_SLEEP = 0.25  # the estimate is looked at again at least this often while waiting
 MIN_RESERVE_SECONDS = 0.2  # reserve: at least this many seconds of the refill (split by share)
 RECENT_REPLIES = 32  # the reply times from which the server's quickest and typical replies are taken
@@ -132,10 +140,6 @@ class _Bucket:
             return
         if self.updated is not None and self.level is not None:
             self.level = min(self.capacity, self.level + self.rate * self.share * max(0.0, now - self.updated))
-            # No news for a while (nothing of ours in flight): the others may have stopped
-            # or slowed down too; let the share drift back to the whole refill.
-            if self.history and now - self.history[-1][0] > STALE_SHARE:
-                self.share += (1.0 - self.share) * min(1.0, (now - self.updated) / STALE_SHARE)
         self.updated = now
 
     def server_level(self, remaining, reset):
@@ -319,7 +323,7 @@ class Pacer:
                 bucket.capacity = bucket.limit
             level = bucket.server_level(remaining, reset)  # when it admitted our request
             if not self.probe_done and level < bucket.capacity - 1:
-                bucket.share = START_SHARE  # not full: others may be spending; measure first
+                bucket.share = self._start_share(bucket, level)
             if stalled:
                 bucket.history.clear()  # a measurement across a stall would show room that is not there
             if not unreliable:
@@ -350,6 +354,17 @@ class Pacer:
             level = min(0.0, float(limit) - server_rate * reset)
         server_now = min(capacity, level + server_rate * elapsed) - self._sent_since(sent_at)[dim]
         bucket.level = server_now if bucket.level is None else min(bucket.level, server_now)
+
+    def _start_share(self, bucket, level):
+        """The share of the refill to start with when the probe found the bucket not full
+        (``level``: what it left there): others may be spending, and until the replies say
+        how much, too little costs nothing (what nobody spends stays in the bucket, to be
+        claimed once the share is measured) while too much costs 429s. Where the probe left
+        no more than the key's reserve, the key is one that others spend as it refills, or
+        one that many processes start on at once (each one's probe in the others' debt):
+        all of them start small."""
+        kept = bucket.rate * max(MIN_RESERVE_SECONDS, 2 * (self.latency or 0.0))
+        return START_SHARE if level > kept else EMPTY_START_SHARE
 
     def _estimate_share(self, bucket, dim, admitted, level):
         """What the others spend, from how the server's level moved between two of our

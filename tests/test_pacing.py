@@ -8,7 +8,7 @@ import selectors
 
 import pytest
 
-from realign.pacing import REFUSAL_DECREASE, START_SHARE, Pacer
+from realign.pacing import EMPTY_START_SHARE, REFUSAL_DECREASE, START_SHARE, Pacer
 
 
 class Clock:
@@ -165,7 +165,7 @@ def test_a_429_lowers_the_share_once_per_round_trip_and_the_probes_does_not():
     clock.now += 0.01
     pacer.observe(headers(1200, 0, "60.05s"), probe)  # the bucket is in debt: the probe is refused
     pacer.refused(probe)
-    assert pacer.share == START_SHARE  # not full: others may be spending; the probe's 429 says nothing more
+    assert pacer.share == EMPTY_START_SHARE  # empty: many may be starting; the probe's 429 says nothing more
     clock.now += 1.0
     first = second = clock.now  # two requests of one burst
     clock.now += 0.01
@@ -249,6 +249,33 @@ def test_the_share_converges_to_what_the_others_leave():
     assert key.refused == 0
 
 
+def test_a_silence_of_its_own_pacing_is_no_news_of_the_others():
+    """On a key of 60 requests a minute, the others spend three quarters: a quarter leaves the
+    pacer a request every four seconds, and the replies between are all the news there is. Its
+    share stays at a quarter (it used to drift back towards the whole refill after two silent
+    seconds, and every such request was refused)."""
+
+    async def others(key, until):
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            await asyncio.sleep(0.01)
+            key.spend(0.75 * key.rate * 0.01)
+
+    async def scenario(loop):
+        key = Key(loop.time, limit=60, level=1.0)
+        pacer = Pacer(clock=loop.time)
+        spender = asyncio.ensure_future(others(key, 130.0))
+        samples = asyncio.ensure_future(sample_at([40.0, 120.0], lambda: (key.admitted, key.refused, pacer.share)))
+        await asyncio.gather(*[worker(pacer, key, 120.0) for _ in range(4)])
+        await spender
+        return await samples
+
+    [(admitted_40, refused_40, _), (admitted_120, refused_120, share_120)] = run_virtual(scenario)
+    assert share_120 == pytest.approx(0.25, abs=0.05)
+    assert admitted_120 - admitted_40 == pytest.approx(0.25 * 80, rel=0.25)  # about a quarter of one a second
+    assert refused_120 - refused_40 == 0
+
+
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_n_pacers_on_one_key_use_it_all_with_almost_no_429(n):
     """N processes start a little apart on an empty key: together they reach the limit, their
@@ -273,6 +300,28 @@ def test_n_pacers_on_one_key_use_it_all_with_almost_no_429(n):
     assert key.refused <= 0.01 * (key.admitted + key.refused)
     assert sum(shares) == pytest.approx(1.0, abs=0.2)
     assert min(shares) > 0.2 / n  # nobody starved
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_n_pacers_starting_at_once_on_an_empty_key_lose_only_their_first_requests(n):
+    """Up to eight processes start within a quarter of a second on an empty key: every first
+    request goes out blind into the others' debt and is refused, but none after it (a quarter
+    of the refill each made eight spend twice the refill: every second request was refused
+    too), and the refill the slow start leaves in the bucket is not lost."""
+
+    async def process(key, start, until):
+        await asyncio.sleep(start)
+        pacer = Pacer(clock=asyncio.get_running_loop().time)
+        await asyncio.gather(*[worker(pacer, key, until) for _ in range(16)])
+
+    async def scenario(loop):
+        key = Key(loop.time)
+        await asyncio.gather(*[process(key, 0.25 * i / n, 20.0) for i in range(n)])
+        return key
+
+    key = run_virtual(scenario)
+    assert key.refused <= n
+    assert key.admitted >= 0.95 * 20 * 20
 
 
 # -- a busy machine ------------------------------------------------------------------------
