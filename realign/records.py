@@ -25,6 +25,7 @@ import socket
 import stat
 import sys
 import time
+from json.encoder import encode_basestring
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,35 @@ def write_json_atomic(path, obj):
     write_atomic(path, write)
 
 
+def indented_json(value, pad=""):
+    """``json.dumps(value, indent=4, ensure_ascii=False)`` with every line after the first
+    indented by ``pad``, the same text, about twice as fast for records: json's indenting
+    encoder is written in Python and makes a call per value; here strings and numbers go to
+    json's C escaping, and only containers recurse. Dicts with keys other than strings, and
+    values json converts (subclasses, tuples inside others), are left to json."""
+    if type(value) is str:
+        return encode_basestring(value)
+    if type(value) is dict and all(type(key) is str for key in value):
+        if not value:
+            return "{}"
+        inner = pad + "    "
+        members = [f"{inner}{encode_basestring(key)}: {indented_json(item, inner)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(members) + f"\n{pad}}}"
+    if type(value) is list:
+        if not value:
+            return "[]"
+        inner = pad + "    "
+        return "[\n" + ",\n".join([inner + indented_json(item, inner) for item in value]) + f"\n{pad}]"
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    # json's strings escape newlines, so every newline here is indentation.
+    return json.dumps(value, indent=4, ensure_ascii=False).replace("\n", "\n" + pad)
+
+
 class _JsonListWriter:
     """Writes a JSON list one element at a time, in the layout of ``json.dump(indent=4)``."""
 
@@ -233,8 +263,7 @@ class _JsonListWriter:
 
     def write(self, item):
         self.f.write(self.separator)
-        # json's strings escape newlines, so every newline here is indentation.
-        self.f.write(json.dumps(item, indent=4, ensure_ascii=False).replace("\n", "\n    "))
+        self.f.write(indented_json(item, "    "))
         self.separator = ",\n    "
 
     def close(self):

@@ -275,6 +275,22 @@ def test_two_lists_are_written_in_one_pass(tmp_path):
         assert f.read() == "[]\n"
 
 
+@pytest.mark.parametrize("value", [
+    {"id": 1, "items": [{"from": "human", "value": "a \"quoted\"\nline, é, \u2028", "category": "open_qa",
+                         "evidence": []}, {"from": "gpt", "value": ""}], "tag": "rewrite", "n": -3, "x": 1.5e300,
+     "flags": [True, False, None, {}, [[]]]},
+    [float("nan"), float("inf"), -0.0, 10**30, "\ud800"],
+    {1: "a key json turns into a string", "t": (1, [2])},
+    "plain", 7, None,
+])
+def test_records_are_written_as_json_writes_them_with_indent_4(value):
+    # The list writer's own indenting (about twice as fast) writes json.dumps' very text.
+    from realign.records import indented_json
+
+    assert indented_json(value) == json.dumps(value, indent=4, ensure_ascii=False)
+    assert indented_json(value, "    ") == json.dumps(value, indent=4, ensure_ascii=False).replace("\n", "\n    ")
+
+
 def test_when_the_stream_fails_neither_output_changes(tmp_path):
     raw, clean = tmp_path / "raw.json", tmp_path / "clean.json"
     raw.write_text("old raw", encoding="utf-8")
