@@ -392,6 +392,8 @@ class Run:
         # One thread for the cache: its reads and writes take turns anyway (one lock), and
         # threads that wait for the lock only take the interpreter from the event loop.
         self._cache_thread = None
+        self._reads = []  # (key, future): lookups asked for in this turn of the event loop
+        self._reading = set()  # the tasks reading them (the event loop keeps only weak references)
 
     # -- the cache, off the event loop ----------------------------------------------------
 
@@ -405,13 +407,45 @@ class Run:
         if self._cache_thread is not None:
             self._cache_thread.shutdown(wait=True)
 
+    async def cache_get(self, key):
+        """The cached reply of ``key``, or None. The lookups the workers ask for in one turn of
+        the event loop go to the cache's thread together: one hand-over for many (on a cached
+        rerun, a hand-over per request cost more than the lookup)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._reads.append((key, future))
+        if len(self._reads) == 1:
+            loop.call_soon(self._read_waiting)
+        return await future
+
+    def _read_waiting(self):
+        reads, self._reads = self._reads, []
+
+        def deliver(task):
+            self._reading.discard(task)
+            failure = None if task.cancelled() else task.exception()
+            for i, (_, future) in enumerate(reads):
+                if future.done():
+                    continue  # its worker was cancelled
+                if task.cancelled():
+                    future.cancel()
+                elif failure is not None:
+                    future.set_exception(failure)
+                else:
+                    future.set_result(task.result()[i])
+
+        keys = [key for key, _ in reads]
+        task = asyncio.ensure_future(self.off_loop(lambda: [self.cache.get(key) for key in keys]))
+        self._reading.add(task)
+        task.add_done_callback(deliver)
+
     async def cached_reply(self, request):
         if self.cache is None or request.fresh:
             return None
         key = self.transport.key(request.body)
         if self.dry is not None:
             return key if await self.off_loop(self.cache.contains, key) else None
-        return await self.off_loop(self.cache.get, key)
+        return await self.cache_get(key)
 
     async def store(self, request, reply):
         if self.cache is not None and self.dry is None:

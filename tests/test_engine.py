@@ -151,6 +151,28 @@ def test_the_cache_is_read_and_written_off_the_event_loop(fake_openai, tmp_path)
     assert threads == [False, False]
 
 
+def test_lookups_asked_for_together_go_to_the_cache_thread_together(fake_openai, tmp_path, monkeypatch):
+    # A cached rerun: eight workers ask for their replies at once; the cache's thread is
+    # handed them in one go, not one hand-over each.
+    from realign import engine
+
+    cache = Cache(str(tmp_path / "cache"))
+    names = [f"q{i}" for i in range(8)]
+    send(fake_openai, [Recorder().request(name) for name in names], cache=cache, concurrency=8)
+    handovers = []
+    off_loop = engine.Run.off_loop
+
+    async def counted(self, function, *args):
+        handovers.append(function)
+        return await off_loop(self, function, *args)
+
+    monkeypatch.setattr(engine.Run, "off_loop", counted)
+    recorder = Recorder()
+    usage = send(fake_openai, [recorder.request(name) for name in names], cache=cache, concurrency=8)
+    assert usage.stats["cache_hits"] == 8 and sorted(recorder.replies) == names
+    assert len(handovers) <= 2
+
+
 def test_the_dry_run_counts_what_the_real_run_sends(fake_openai, tmp_path):
     cache = Cache(str(tmp_path / "cache"))
     send(fake_openai, [Recorder().request("cached")], cache=cache)
