@@ -6,7 +6,8 @@ reply, what to do when there is none), read lazily, and a transport that knows o
 :mod:`realign.batch_api`: OpenAI's Batch API). The engine alone decides *how*:
 
 - **the cache** (:mod:`realign.cache`): a request whose reply is cached is not sent; a reply
-  the stage used is stored. Reads and writes run off the event loop.
+  the stage used is stored. Reads and writes run off the event loop, in the cache's own
+  thread; the lookups asked for in one turn of the loop are handed to it together.
 - **the dry run**: the same path, up to the wire, where a counting step takes the place of
   the send (requests, tokens, searches, cost, time at the known rate limits): it cannot
   drift from the real run.
