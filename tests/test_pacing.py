@@ -224,20 +224,22 @@ async def sample_at(times, read):
     return found
 
 
+async def others_spending_three_quarters(key, until):
+    """Other processes on the key, spending three quarters of its refill evenly until ``until``."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < until:
+        await asyncio.sleep(0.01)
+        key.spend(0.75 * key.rate * 0.01)
+
+
 def test_the_share_converges_to_what_the_others_leave():
     """The others spend three quarters of the key's refill, evenly: the pacer's share goes to
     a quarter, it gets a quarter of the limit, and nothing is refused."""
 
-    async def others(key, until):
-        loop = asyncio.get_running_loop()
-        while loop.time() < until:
-            await asyncio.sleep(0.01)
-            key.spend(0.75 * key.rate * 0.01)
-
     async def scenario(loop):
         key = Key(loop.time, level=20.0)
         pacer = Pacer(clock=loop.time)
-        spender = asyncio.ensure_future(others(key, 40.0))
+        spender = asyncio.ensure_future(others_spending_three_quarters(key, 40.0))
         samples = asyncio.ensure_future(sample_at([15.0, 30.0], lambda: (key.admitted, pacer.share)))
         await asyncio.gather(*[worker(pacer, key, 30.0) for _ in range(16)])
         await spender
@@ -255,16 +257,10 @@ def test_a_silence_of_its_own_pacing_is_no_news_of_the_others():
     share stays at a quarter (it used to drift back towards the whole refill after two silent
     seconds, and every such request was refused)."""
 
-    async def others(key, until):
-        loop = asyncio.get_running_loop()
-        while loop.time() < until:
-            await asyncio.sleep(0.01)
-            key.spend(0.75 * key.rate * 0.01)
-
     async def scenario(loop):
         key = Key(loop.time, limit=60, level=1.0)
         pacer = Pacer(clock=loop.time)
-        spender = asyncio.ensure_future(others(key, 130.0))
+        spender = asyncio.ensure_future(others_spending_three_quarters(key, 130.0))
         samples = asyncio.ensure_future(sample_at([40.0, 120.0], lambda: (key.admitted, key.refused, pacer.share)))
         await asyncio.gather(*[worker(pacer, key, 120.0) for _ in range(4)])
         await spender
