@@ -413,7 +413,7 @@ def phrase_repeats(text):
     return most
 
 
-ZERO = b"\x00"
+ZERO_RUN_RE = re.compile(b"\x00+")
 
 
 def _longest_equal_run(code, size):
@@ -422,23 +422,8 @@ def _longest_equal_run(code, size):
     if len(code) <= size:
         return 0
     differences = int.from_bytes(code[:-size], "big") ^ int.from_bytes(code[size:], "big")
-    return _longest_zero_run(differences.to_bytes(len(code) - size, "big"))
-
-
-def _longest_zero_run(data):
-    """The most zero bytes in a row in ``data``: doubled while found, then halved between."""
-    if ZERO not in data:
-        return 0
-    found, missing = 1, 2
-    while ZERO * missing in data:
-        found, missing = missing, missing * 2
-    while missing - found > 1:
-        middle = (found + missing) // 2
-        if ZERO * middle in data:
-            found = middle
-        else:
-            missing = middle
-    return found
+    zero_runs = ZERO_RUN_RE.findall(differences.to_bytes(len(code) - size, "big"))
+    return max(map(len, zero_runs), default=0)
 
 
 def _longest_equal_run_of_words(words, size):
